@@ -1,0 +1,175 @@
+"""The `facevae` command: subcommands mapped to functions. Parsing and printing only; the work lives elsewhere.
+
+User mistakes print one line on stderr and exit with status 2; `--json` prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from facevae.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2 (argparse prints the whole usage otherwise)
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="facevae", description="Variational auto-encoders for faces.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    s = sub.add_parser("prepare", help="decode and resize a data source once into a uint8 cache")
+    s.add_argument("--data", default="lfw", help="lfw, celeba:PATH, folder:PATH (default: lfw)")
+    s.add_argument("--size", type=int, default=64, help="image side after resizing (default 64)")
+    s.add_argument("--crop", type=int, default=148, help="CelebA center crop before resizing (default 148)")
+    s.add_argument("--split", choices=("official", "deck"), default="official",
+                   help="CelebA split: official train/valid/test or the deck's 70/30 (default official)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the deck split (default 0)")
+    s.add_argument("--out", help="cache directory (default: under $FACEVAE_CACHE or ~/.cache/facevae)")
+    s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    s = sub.add_parser("train", help="train a VAE (resumes when --out is an existing run)")
+    s.add_argument("--config", help="a TOML recipe, e.g. configs/lfw-faces.toml")
+    s.add_argument("--data", help="data SPEC (overrides the config)")
+    s.add_argument("--out", help="run directory (default: runs/<config name>)")
+    s.add_argument("--epochs", type=int, help="total epochs (overrides the config)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("evaluate", help="ELBO, importance-weighted NLL, bits/dim, PSNR, SSIM of a trained run")
+    s.add_argument("run_dir")
+    s.add_argument("--split", default="test", help="data split (default test)")
+    s.add_argument("--iw-samples", type=int, default=1, help="K importance samples for -log p(x) (default 1: ELBO)")
+    s.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    s.add_argument("--batch-size", type=int, default=256, help="images decoded at once (default 256)")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    s = sub.add_parser("sample", help="new faces from the prior, as a PNG grid")
+    s.add_argument("run_dir")
+    s.add_argument("-n", type=int, default=64, help="number of faces (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default 0)")
+    s.add_argument("--out", help="PNG file (default RUN_DIR/images/sample.png)")
+
+    s = sub.add_parser("reconstruct", help="real faces above their reconstructions, as a PNG grid")
+    s.add_argument("run_dir")
+    s.add_argument("--split", default="test", help="data split (default test)")
+    s.add_argument("-n", type=int, default=32, help="number of faces (default 32)")
+    s.add_argument("--out", help="PNG file (default RUN_DIR/images/reconstruct.png)")
+
+    s = sub.add_parser("summary", help="the network's layers, output shapes and parameter counts")
+    s.add_argument("run_dir", nargs="?", help="a run directory (else the config's network)")
+    s.add_argument("--config", help="a TOML recipe")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.version:
+            from facevae import __version__
+
+            print(__version__)
+            return 0
+        if not args.command:
+            raise UserError("name a command: prepare, train, evaluate, sample, reconstruct or summary "
+                            "(see `facevae --help`)")
+        return COMMANDS[args.command](args) or 0
+    except UserError as e:
+        print(f"facevae: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("facevae: interrupted", file=sys.stderr)
+        return 130
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, indent=None))
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from facevae.data import prepare
+
+    path, manifest = prepare(args.data, size=args.size, crop=args.crop, split=args.split, seed=args.seed,
+                             out=args.out, progress=True)
+    result = {"path": str(path), "images": manifest["images"],
+              "splits": {k: v for k, v in manifest["splits"].items() if v}, "skipped": manifest.get("skipped", []),
+              "size": manifest["size"], "crop": manifest.get("crop")}
+    if args.json:
+        _print_json(result)
+    else:
+        splits = ", ".join(f"{k} {v}" for k, v in result["splits"].items())
+        print(f"prepared {result['images']} images ({splits}) at {result['size']}x{result['size']} "
+              f"in {path}; skipped {len(result['skipped'])}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from facevae.config import Config
+    from facevae.train import resolve_run_config, train
+
+    out = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "run")
+    base = Config.from_toml(args.config) if args.config else None
+    overrides = list(args.set)
+    if args.data:
+        overrides.append(f"data={json.dumps(args.data)}")
+    if args.epochs is not None:
+        overrides.append(f"epochs={args.epochs}")
+    config = resolve_run_config(out, base, overrides)
+    train(config, out, progress=not args.quiet)
+    print(f"done: model in {out / 'model.safetensors'}, pictures in {out / 'images'}, metrics in "
+          f"{out / 'metrics.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from facevae.evaluate import evaluate_run, format_report
+
+    report = evaluate_run(args.run_dir, split=args.split, iw_samples=args.iw_samples, limit=args.limit,
+                          batch_size=args.batch_size, device=args.device)
+    print(format_report(report), file=sys.stderr)
+    if args.json:
+        _print_json(report)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from facevae.images import sample_run
+
+    path = sample_run(args.run_dir, n=args.n, seed=args.seed, out=args.out)
+    print(f"wrote {args.n} samples to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from facevae.images import reconstruct_run
+
+    path = reconstruct_run(args.run_dir, split=args.split, n=args.n, out=args.out)
+    print(f"wrote real (upper rows) and reconstructed (lower rows) faces to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from facevae.config import Config
+    from facevae.model import network_summary
+
+    if args.run_dir:
+        from facevae.checkpoint import load_run
+
+        config = load_run(args.run_dir).config
+    else:
+        config = (Config.from_toml(args.config) if args.config else Config()).with_overrides(args.set).validate()
+    print(network_summary(config))
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
+            "reconstruct": cmd_reconstruct, "summary": cmd_summary}

@@ -1,0 +1,201 @@
+"""One flat configuration for model, data and training: TOML in and out, `--set key=value`, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from facevae.errors import UserError
+
+LIKELIHOODS = (
+    "gaussian",  # fixed sigma (the deck's MSE decoder)
+    "gaussian_learned",  # one learned log-sigma shared by all pixels
+    "gaussian_optimal",  # analytic optimal sigma per batch (sigma-VAE)
+    "gaussian_optimal_per_image",  # analytic optimal sigma per image
+    "bernoulli",  # logits; binary cross-entropy (the deck's second decoder)
+    "continuous_bernoulli",  # the normalised Bernoulli on [0, 1]
+    "discretized_logistic",  # 256-bin likelihood of 8-bit data: directly a bits/dim figure
+)
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "float32", "bf16", "fp16")
+
+
+@dataclass
+class Config:
+    """Every setting of a run. Flat keys, the same in TOML and in `--set key=value`."""
+
+    # --- data
+    data: str = "lfw"  # a data SPEC: lfw, celeba:PATH, folder:PATH or a prepared cache
+    split: str = "official"  # how CelebA is split: official (train/valid/test) or deck (the deck's 70/30)
+    crop: int = 148  # center crop before resizing CelebA (148 as the PyTorch VAE repos; 140 and 128 also used)
+    hflip: bool = False  # random horizontal flips during training (on the device)
+    # --- model
+    image_size: int = 64  # side of the square images; 32, 64 and 128 (a multiple of 2**len(widths))
+    channels: int = 3  # 1 for grey, 3 for RGB
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # encoder conv widths, k3 s2
+    latent_dim: int = 128  # size of z
+    likelihood: str = "gaussian"  # the decoder's p(x|z); see LIKELIHOODS
+    sigma: float = 1.0  # the fixed sigma of likelihood = gaussian, in [0, 1] pixel units
+    min_sigma: float = 1e-3  # lower bound on learned or optimal sigma (log sigma >= log(min_sigma))
+    # --- objective
+    kl_weight: float = 1.0  # beta in loss = -recon + beta * KL; 1 is the true ELBO
+    kl_warmup_steps: int = 0  # linear warm-up of the KL weight from 0 over this many steps (0: none)
+    # --- training
+    seed: int = 0  # seeds weights, data order and sampling
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3  # Adam
+    weight_decay: float = 0.0
+    eval_batch_size: int = 256  # batch size of the test pass and evaluation (no gradients: larger is faster)
+    log_every: int = 100  # steps between logged training metrics (the deck prints PSNR every 100 batches)
+    save_every: int = 1  # epochs between pictures, model file and checkpoint (the last epoch is always saved)
+    checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
+    image_count: int = 32  # images in the per-epoch reconstruction and sample grids
+    max_bad_steps: int = 10  # consecutive non-finite losses tolerated (the batch is skipped) before stopping
+    # --- hardware
+    device: str = "auto"  # auto (cuda when present), cpu or cuda
+    precision: str = "float32"  # float32, bf16, fp16 or auto (bf16 where the device has it)
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> "Config":
+        """Check every value; raise UserError naming the key on the first bad one."""
+        pos_int = ("image_size", "channels", "latent_dim", "epochs", "batch_size", "eval_batch_size",
+                   "log_every", "image_count", "max_bad_steps", "save_every")
+        for key in pos_int:
+            if getattr(self, key) < 1:
+                raise UserError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
+        for key in ("kl_warmup_steps", "checkpoint_every", "threads", "weight_decay", "kl_weight"):
+            if getattr(self, key) < 0:
+                raise UserError(f"config key '{key}' must not be negative, got {getattr(self, key)}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UserError(f"config key 'learning_rate' must be a positive number, got {self.learning_rate}")
+        for key in ("sigma", "min_sigma"):
+            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
+                raise UserError(f"config key '{key}' must be a positive number, got {getattr(self, key)}")
+        if self.channels not in (1, 3):
+            raise UserError(f"config key 'channels' must be 1 (grey) or 3 (RGB), got {self.channels}")
+        if not self.widths or any(w < 1 for w in self.widths):
+            raise UserError(f"config key 'widths' must be a non-empty list of positive integers, got {self.widths}")
+        stride = 2 ** len(self.widths)
+        if self.image_size % stride:
+            raise UserError(
+                f"config key 'image_size' = {self.image_size} cannot pass through {len(self.widths)} stride-2 "
+                f"layers: use a multiple of {stride} (e.g. 32, 64, 128) or change 'widths'")
+        if self.crop < 1:
+            raise UserError(f"config key 'crop' must be at least 1, got {self.crop}")
+        for key, allowed in (("likelihood", LIKELIHOODS), ("device", DEVICES), ("precision", PRECISIONS),
+                             ("split", ("official", "deck"))):
+            if getattr(self, key) not in allowed:
+                raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{getattr(self, key)}'")
+        return self
+
+    # ---------------------------------------------------------------- TOML / dict
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The config as TOML text (flat keys), readable by `Config.from_toml`."""
+        lines = ["# facevae run configuration (resolved: defaults < config file < flags)"]
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "Config":
+        """A config from a flat mapping; unknown keys and wrong types are UserErrors."""
+        return cls().updated(values, source=source)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Config":
+        return cls.from_dict(read_toml(path), source=str(path))
+
+    def updated(self, values: dict[str, Any], *, source: str = "config") -> "Config":
+        """A copy with `values` applied, each checked against the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise UserError(f"unknown config key '{key}' in {source}; known keys: {', '.join(fields)}")
+            changes[key] = _coerce(key, value, getattr(self, key), source)
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, assignments: list[str]) -> "Config":
+        """Apply `key=value` strings from the command line; values are parsed as TOML, else taken as strings."""
+        values = {}
+        for item in assignments:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise UserError(f"--set expects key=value, got '{item}'")
+            values[key.strip()] = parse_value(text.strip())
+        return self.updated(values, source="--set")
+
+    @property
+    def data_dims(self) -> int:
+        """D: the number of values in one image (channels * height * width)."""
+        return self.channels * self.image_size * self.image_size
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML file, turning a missing or malformed file into a one-line UserError."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """Parse one `--set` value as a TOML value (1e-3, true, [1, 2], "x"); bare words stay strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    def bad() -> UserError:
+        return UserError(f"config key '{key}' in {source} must be {type(default).__name__}, "
+                         f"got {type(value).__name__} {value!r}")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise UserError(f"config key '{key}' in {source} must be a list of integers, got {value!r}")
+        return list(value)
+    raise bad()
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")

@@ -1,0 +1,277 @@
+"""The image cache: images decoded and resized once, stored uint8 so that training never decodes a file.
+
+A cache is a directory:
+    manifest.json    what made it: format_version, source, size, crop, channels, split scheme and seed, counts,
+                     skipped files, attribute names
+    images.npy       uint8 (N, C, H, W), memory-mappable (numpy .npy)
+    splits.npy       int8 (N,): index of each image's split in manifest["split_names"]
+    attributes.npy   int8 (N, A) of -1/1, only when the source has attributes (CelebA)
+
+It is written under `<name>.partial/` and renamed to its final name only when complete, so a directory with the
+final name is always a finished cache. While it is being written, `<name>.partial/` also holds progress.json (what
+the slots of images.npy mean) and done.npy (which slots hold their final pixels), so that an interrupted prepare
+can be finished by running it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facevae.errors import UserError
+
+FORMAT_VERSION = 1
+SPLIT_NAMES = ("train", "valid", "test")
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"  # in <name>.partial/ only: {"key": ...}, the job the slots of images.npy belong to
+DONE = "done.npy"  # in <name>.partial/ only: bool (N,), True where images.npy holds the image's final pixels
+MOVE_BLOCK = 32 << 20  # bytes moved at a time when compacting images.npy
+
+
+def cache_root() -> Path:
+    """Where prepared caches live unless a path is given: $FACEVAE_CACHE, else ~/.cache/facevae."""
+    return Path(os.environ.get("FACEVAE_CACHE") or Path.home() / ".cache" / "facevae")
+
+
+def is_cache(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+@dataclass
+class Cache:
+    """A prepared cache, memory-mapped."""
+
+    path: Path
+    manifest: dict[str, Any]
+    images: np.ndarray  # uint8 (N, C, H, W), memory-mapped read-only
+    split_codes: np.ndarray  # int8 (N,)
+    attributes: np.ndarray | None  # int8 (N, A) or None
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """The indices of the images of `split` (or of all images for split="all")."""
+        if split == "all":
+            return np.arange(len(self.images))
+        names = self.manifest["split_names"]
+        counts = self.manifest.get("splits", {})
+        if split not in names or counts.get(split, 1) == 0:
+            have = [n for n in names if counts.get(n, 1) > 0]
+            raise UserError(f"the data has no '{split}' split (it has: {', '.join(have)}); "
+                            f"choose one of those with --split")
+        return np.flatnonzero(self.split_codes == names.index(split))
+
+
+def load_cache(path: str | Path) -> Cache:
+    """Open a finished cache; refuse one whose format version this facevae does not know."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is not a prepared data cache (no {MANIFEST}); run `facevae prepare` first") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / MANIFEST} is damaged ({e}); delete the cache and prepare it again") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"cache {path} has format version {version}, this facevae reads version {FORMAT_VERSION}; "
+                        f"prepare the data again")
+    try:
+        images = np.load(path / "images.npy", mmap_mode="r")
+        split_codes = np.load(path / "splits.npy")
+        attributes = np.load(path / "attributes.npy") if (path / "attributes.npy").exists() else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cache {path} is damaged ({e}); delete it and prepare the data again") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or len(split_codes) != len(images):
+        raise UserError(f"cache {path} is inconsistent (images {images.shape} {images.dtype}, "
+                        f"{len(split_codes)} split codes); delete it and prepare the data again")
+    return Cache(path, manifest, images, split_codes, attributes)
+
+
+class CacheWriter:
+    """Writes a cache under `<final>.partial/` and renames it into place on commit().
+
+    Fill `images` (a writable memory map, uint8 (N, C, H, W)), `split_codes` and `attributes`, then call commit().
+    Reopening a partial cache of the same shape and `key` keeps what was written (`resumed` is True) together with
+    `done` (bool (N,), which images are finished, as last saved by save_progress()), so a prepare can finish an
+    interrupted job. `key` names what the slots mean (e.g. a digest of the ordered file list and the settings); a
+    partial cache made for another key is started afresh.
+    """
+
+    def __init__(self, final: str | Path, *, count: int, channels: int, size: int,
+                 attribute_names: list[str] | None = None, key: str = ""):
+        self.final = Path(final)
+        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.partial.mkdir(parents=True, exist_ok=True)
+        shape = (count, channels, size, size)
+        image_file = self.partial / "images.npy"
+        self.resumed = False
+        if image_file.exists() and _read_key(self.partial / PROGRESS) == key:
+            try:
+                existing = np.lib.format.open_memmap(image_file, mode="r+")
+                self.resumed = existing.shape == shape and existing.dtype == np.uint8
+            except (OSError, ValueError):
+                existing = None
+            if self.resumed:
+                self.images = existing
+            else:
+                del existing
+        self.done = np.zeros(count, dtype=bool)
+        if self.resumed:
+            self.done = _read_done(self.partial / DONE, count)
+        else:
+            (self.partial / DONE).unlink(missing_ok=True)
+            self.images = np.lib.format.open_memmap(image_file, mode="w+", dtype=np.uint8, shape=shape)
+            (self.partial / PROGRESS).write_text(json.dumps({"key": key}) + "\n")
+        self.split_codes = np.zeros(count, dtype=np.int8)
+        self.attribute_names = attribute_names or []
+        self.attributes = np.zeros((count, len(self.attribute_names)), dtype=np.int8) if attribute_names else None
+
+    @property
+    def image_file(self) -> Path:
+        """The .npy file behind `images` (others may write into it by offset, e.g. decoding processes)."""
+        return self.partial / "images.npy"
+
+    def save_progress(self) -> None:
+        """Make the written pixels durable, then record `done` (atomically), so a rerun skips finished images."""
+        self.images.flush()
+        _fsync_path(self.image_file)
+        tmp = self.partial / (DONE + ".tmp")
+        _save_npy(tmp, self.done)
+        os.replace(tmp, self.partial / DONE)
+
+    def compact(self, keep: np.ndarray) -> None:
+        """Drop the images where `keep` (bool (N,)) is False; the rest move down in place, streamed block by block."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.all():
+            return
+        count, *item_shape = self.images.shape
+        item = int(np.prod(item_shape))  # bytes per image (uint8)
+        offset = int(self.images.offset)  # bytes of the .npy header
+        self.images.flush()
+        del self.images  # unmap before the file shrinks
+        # From here on the slots no longer mean what done.npy says: an interruption must start the decoding over.
+        (self.partial / DONE).unlink(missing_ok=True)
+        kept = np.flatnonzero(keep)
+        fd = os.open(self.image_file, os.O_RDWR)
+        try:
+            target = 0
+            for start, stop in _runs(kept):
+                if start != target:  # the destination never overtakes the source, so moving in order is safe
+                    _move(fd, offset + start * item, offset + target * item, (stop - start) * item)
+                target += stop - start
+            os.pwrite(fd, _npy_header(fd, offset, (len(kept), *item_shape)), 0)
+            os.ftruncate(fd, offset + len(kept) * item)
+        finally:
+            os.close(fd)
+        self.images = np.lib.format.open_memmap(self.image_file, mode="r+")
+        self.done = self.done[keep]
+        self.split_codes = self.split_codes[keep]
+        if self.attributes is not None:
+            self.attributes = self.attributes[keep]
+
+    def abort(self) -> None:
+        """Remove the partial cache (when nothing usable could be made of the source)."""
+        if hasattr(self, "images"):
+            del self.images
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Write the lists and the manifest, flush everything to disk, and move the cache to its final name."""
+        self.images.flush()
+        _save_npy(self.partial / "splits.npy", self.split_codes)
+        if self.attributes is not None:
+            _save_npy(self.partial / "attributes.npy", self.attributes)
+        names = list(SPLIT_NAMES)
+        full = {
+            "format_version": FORMAT_VERSION,
+            **manifest,
+            "images": int(len(self.images)),
+            "channels": int(self.images.shape[1]),
+            "size": int(self.images.shape[2]),
+            "split_names": names,
+            "splits": {n: int((self.split_codes == i).sum()) for i, n in enumerate(names)},
+            "attribute_names": self.attribute_names,
+        }
+        (self.partial / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+        for name in (DONE, PROGRESS):  # progress records belong to the partial cache only
+            (self.partial / name).unlink(missing_ok=True)
+        _fsync_dir_files(self.partial)
+        del self.images  # close the memory map before the rename
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.partial, self.final)
+        _fsync_path(self.final.parent)
+        return full
+
+
+def _read_key(path: Path) -> str | None:
+    """The job key recorded in a partial cache's progress.json (None when absent or unreadable)."""
+    try:
+        return json.loads(path.read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _read_done(path: Path, count: int) -> np.ndarray:
+    """A partial cache's done mask, bool (count,); all False when absent or damaged."""
+    try:
+        done = np.load(path)
+    except (OSError, ValueError):
+        return np.zeros(count, dtype=bool)
+    if done.dtype != bool or done.shape != (count,):
+        return np.zeros(count, dtype=bool)
+    return done
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted indices -> [(start, stop), ...] of their runs of consecutive values."""
+    if len(index) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(index)]])
+    return [(int(index[a]), int(index[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+def _move(fd: int, source: int, target: int, nbytes: int) -> None:
+    """Copy nbytes within a file from `source` to a lower offset `target`, block by block (memory stays small)."""
+    done = 0
+    while done < nbytes:
+        block = os.pread(fd, min(MOVE_BLOCK, nbytes - done), source + done)
+        os.pwrite(fd, block, target + done)
+        done += len(block)
+
+
+def _npy_header(fd: int, length: int, shape: tuple[int, ...]) -> bytes:
+    """A uint8 C-order .npy header for `shape`, padded to the `length` bytes of the file's current header."""
+    prefix = os.pread(fd, 8, 0)  # magic string (6 bytes) and format version (2 bytes)
+    size_bytes = 2 if prefix[6] == 1 else 4  # version 1.0 stores the header length in 2 bytes, 2.0 and 3.0 in 4
+    text = repr({"descr": "|u1", "fortran_order": False, "shape": tuple(int(n) for n in shape)})
+    room = length - len(prefix) - size_bytes  # the dictionary, space padding and the final newline
+    if len(text) + 1 > room:
+        raise RuntimeError(f"no room for a .npy header of shape {shape} in {length} bytes")
+    body = (text + " " * (room - len(text) - 1) + "\n").encode("latin1")
+    return prefix + room.to_bytes(size_bytes, "little") + body
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, array)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_files(path: Path) -> None:
+    for child in path.iterdir():
+        _fsync_path(child)
+    _fsync_path(path)

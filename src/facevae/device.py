@@ -1,0 +1,42 @@
+"""Device and precision choices, made in one place for training and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from facevae.errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when present, else cpu; an explicit cuda without a GPU is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' was asked for but torch sees no CUDA GPU; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto -> bf16 on a CUDA GPU that has it, float32 elsewhere; bf16/fp16 where the device lacks them is a UserError."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("precision 'bf16' was asked for but this GPU has no bf16; use precision=fp16 or auto")
+    if name == "fp16" and device.type != "cuda":
+        raise UserError("precision 'fp16' needs a CUDA GPU; use precision=bf16 or float32 on the CPU")
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed-precision autocast for the network; likelihood and KL sums stay float32 (distributions.py casts)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_unit_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> float32 in [0, 1] on `device` (the conversion happens on the device)."""
+    return batch.to(device, non_blocking=True).float().div_(255)

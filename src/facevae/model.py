@@ -1,0 +1,161 @@
+"""The VAE: a convolutional Encoder, a mirrored Decoder, and the objective, in one file that reads top to bottom.
+
+The network follows the popular PyTorch VAE collection's vanilla conv VAE (shared/REFERENCES.md): k3 s2 convs with
+BatchNorm and LeakyReLU, widths 32-64-128-256-512 at 64x64, latent 128, and a mirrored transposed-conv decoder.
+Unlike it, the decoder ends in raw parameters that the likelihood maps to its own range (sigmoid for a mean in
+[0, 1], logits for the Bernoulli): no tanh on [0, 1] data.
+
+The model knows nothing of devices, files or the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import torch
+from torch import nn
+
+from facevae.config import Config
+from facevae.distributions import (
+    Bernoulli,
+    ContinuousBernoulli,
+    DiagonalGaussian,
+    DiscretizedLogistic,
+    Gaussian,
+    Likelihood,
+)
+from facevae import objectives
+from facevae.objectives import ELBO
+
+
+def down_block(cin: int, cout: int) -> nn.Sequential:
+    """(B, cin, H, W) -> (B, cout, H/2, W/2)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+
+
+def up_block(cin: int, cout: int) -> nn.Sequential:
+    """(B, cin, H, W) -> (B, cout, 2H, 2W)."""
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1),
+                         nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+
+
+class Encoder(nn.Module):
+    """x (B, C, S, S) in [0, 1] -> posterior mean and log-variance, each (B, latent_dim)."""
+
+    def __init__(self, channels: int, widths: list[int], image_size: int, latent_dim: int):
+        super().__init__()
+        chans = [channels, *widths]
+        self.features = nn.Sequential(*(down_block(a, b) for a, b in zip(chans[:-1], chans[1:])))
+        side = image_size // 2 ** len(widths)
+        self.to_mean = nn.Linear(widths[-1] * side * side, latent_dim)
+        self.to_logvar = nn.Linear(widths[-1] * side * side, latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x * 2 - 1).flatten(1)  # centre the [0, 1] input; (B, widths[-1] * side * side)
+        return self.to_mean(h), self.to_logvar(h)
+
+
+class Decoder(nn.Module):
+    """z (B, latent_dim) -> raw likelihood parameters (B, channels * params_per_channel, S, S)."""
+
+    def __init__(self, channels: int, widths: list[int], image_size: int, latent_dim: int, params_per_channel: int):
+        super().__init__()
+        rev = list(reversed(widths))  # e.g. 512, 256, 128, 64, 32
+        self.side = image_size // 2 ** len(widths)
+        self.first = rev[0]
+        self.from_latent = nn.Linear(latent_dim, rev[0] * self.side * self.side)
+        # len(widths) - 1 up-blocks bring the side to image_size / 2, a last up-block to image_size.
+        self.features = nn.Sequential(*(up_block(a, b) for a, b in zip(rev[:-1], rev[1:])), up_block(rev[-1], rev[-1]))
+        self.to_params = nn.Conv2d(rev[-1], channels * params_per_channel, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.from_latent(z).view(-1, self.first, self.side, self.side)
+        return self.to_params(self.features(h))
+
+
+def params_per_channel(likelihood: str) -> int:
+    """How many decoder outputs each image channel needs for this likelihood."""
+    return 2 if likelihood == "discretized_logistic" else 1
+
+
+class VAE(nn.Module):
+    """Gaussian encoder q(z|x), standard normal prior p(z), decoder likelihood p(x|z)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoder = Encoder(c.channels, c.widths, c.image_size, c.latent_dim)
+        self.decoder = Decoder(c.channels, c.widths, c.image_size, c.latent_dim, params_per_channel(c.likelihood))
+        if c.likelihood == "gaussian_learned":
+            # One log-sigma shared by every pixel, learned with the network; starts at log(0.1) pixel units.
+            self.log_sigma = nn.Parameter(torch.tensor(math.log(0.1)))
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """x: float (B, C, S, S) in [0, 1] -> q(z|x)."""
+        mean, logvar = self.encoder(x)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor) -> Likelihood:
+        """z: (B, latent_dim) -> p(x|z)."""
+        h = self.decoder(z)
+        c = self.config
+        name = c.likelihood
+        if name == "gaussian":
+            return Gaussian(torch.sigmoid(h), math.log(c.sigma))
+        if name == "gaussian_learned":
+            return Gaussian(torch.sigmoid(h), self.log_sigma.clamp(min=math.log(c.min_sigma)))
+        if name in ("gaussian_optimal", "gaussian_optimal_per_image"):
+            return Gaussian(torch.sigmoid(h), optimal="batch" if name == "gaussian_optimal" else "image",
+                            min_sigma=c.min_sigma)
+        if name == "bernoulli":
+            return Bernoulli(h)
+        if name == "continuous_bernoulli":
+            return ContinuousBernoulli(h)
+        if name == "discretized_logistic":
+            mu, log_scale = h.chunk(2, dim=1)
+            return DiscretizedLogistic(torch.sigmoid(mu), log_scale, min_scale=c.min_sigma)
+        raise ValueError(f"unknown likelihood {name!r}")
+
+    def forward(self, x: torch.Tensor, *, kl_weight: float | None = None) -> ELBO:
+        """The ELBO terms of a batch x (B, C, S, S) in [0, 1], with one reparameterised sample per image."""
+        posterior = self.encode(x)
+        likelihood = self.decode(posterior.sample())
+        return objectives.elbo(posterior, likelihood, x, kl_weight=self.config.kl_weight if kl_weight is None else kl_weight)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n new images from the prior: the means of p(x|z), z ~ N(0, I); (n, C, S, S) in [0, 1]."""
+        device = next(self.parameters()).device
+        z = torch.randn(n, self.config.latent_dim, generator=generator, device="cpu").to(device)
+        return self.decode(z).mean.float().clamp(0, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x|z) at the posterior mean z: the deterministic reconstruction of x."""
+        return self.decode(self.encode(x).mode()).mean.float().clamp(0, 1)
+
+    def metadata(self) -> dict[str, str]:
+        """What a weights file needs to rebuild this model: the config as JSON."""
+        return {"format": "facevae-model", "config": json.dumps(self.config.to_dict())}
+
+
+def network_summary(config: Config) -> str:
+    """A table of the network's layers with output shapes and parameter counts (torchinfo), as the deck's graph."""
+    from torchinfo import summary
+
+    class EncodeDecode(nn.Module):  # x -> posterior mean -> decoder parameters: every layer once, tensors only
+        def __init__(self, vae: VAE):
+            super().__init__()
+            self.encoder, self.decoder = vae.encoder, vae.decoder
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mean, _ = self.encoder(x)
+            return self.decoder(mean)
+
+    net = EncodeDecode(VAE(config))
+    shape = (1, config.channels, config.image_size, config.image_size)
+    stats = summary(net, input_size=shape, depth=4, col_names=("output_size", "num_params", "mult_adds"),
+                    verbose=0, device="cpu")
+    return f"facevae VAE: {config.image_size}x{config.image_size}x{config.channels}, latent {config.latent_dim}, " \
+           f"likelihood {config.likelihood}\n{stats}"

@@ -1,0 +1,73 @@
+"""Shapes, round trips through the run directory, and the Python API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facevae.checkpoint import load_model, save_model
+from facevae.config import LIKELIHOODS, Config
+from facevae.model import VAE, network_summary
+
+
+@pytest.mark.parametrize("size,widths", [(32, [8, 16, 32]), (64, [8, 16, 32, 32, 64]), (128, [4, 8, 8, 16, 16])])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_for_each_size_and_channel_count(size, widths, channels):
+    config = Config(image_size=size, channels=channels, widths=widths, latent_dim=6).validate()
+    vae = VAE(config)
+    x = torch.rand(2, channels, size, size)
+    q = vae.encode(x)
+    assert q.mean.shape == q.logvar.shape == q.sample().shape == (2, 6)
+    assert q.log_prob(q.sample()).shape == q.kl().shape == (2,)
+    p = vae.decode(q.sample())
+    assert p.mean.shape == x.shape
+    assert p.log_prob(x).shape == (2,)
+    terms = vae(x)
+    assert terms.x_mean.shape == x.shape and terms.loss.ndim == 0
+    assert vae.sample(3).shape == (3, channels, size, size)
+
+
+def test_default_network_is_the_decks():
+    config = Config().validate()
+    assert (config.image_size, config.channels, config.widths, config.latent_dim) == (64, 3, [32, 64, 128, 256, 512], 128)
+    vae = VAE(config)
+    convs = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride, c.out_channels) for c in convs] == [((3, 3), (2, 2), w) for w in config.widths]
+    # the popular repository's vanilla VAE has about 3.9M parameters at 64x64, latent 128 (ours has no tanh layer)
+    params = sum(p.numel() for p in vae.parameters())
+    assert 3.5e6 < params < 4.3e6
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_decoder_output_is_in_the_data_range(likelihood):
+    config = Config(image_size=32, channels=1, widths=[8, 16], latent_dim=4, likelihood=likelihood).validate()
+    vae = VAE(config)
+    with torch.no_grad():
+        mean = vae.decode(torch.randn(5, 4) * 10).mean
+    assert mean.min() >= 0 and mean.max() <= 1
+    assert not any(isinstance(m, torch.nn.Tanh) for m in vae.modules())
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+def test_save_load_identical_outputs(tmp_path, tiny, likelihood):
+    torch.manual_seed(0)
+    vae = VAE(tiny(likelihood=likelihood))
+    vae(torch.rand(8, 1, 32, 32))  # move BatchNorm's running statistics away from their initial values
+    vae.eval()
+    save_model(vae, tmp_path / "model.safetensors")
+    loaded = load_model(tmp_path / "model.safetensors")
+    assert loaded.config == vae.config
+    x = torch.rand(4, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(vae.reconstruct(x), loaded.reconstruct(x))
+        torch.manual_seed(3)
+        a = vae(x)
+        torch.manual_seed(3)
+        b = loaded(x)
+    assert torch.equal(a.elbo, b.elbo)
+
+
+def test_summary_lists_layers_and_parameters():
+    text = network_summary(Config().validate())
+    assert "Conv2d" in text and "ConvTranspose2d" in text and "Total params" in text
+    assert "[1, 3, 64, 64]" in text  # the decoder's output shape
