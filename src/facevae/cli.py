@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from facevae.errors import UserError
+from facevae.errors import Interrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"facevae: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # the trainer has saved a checkpoint and said how to resume
+        return e.exit_status
     except KeyboardInterrupt:
         print("facevae: interrupted", file=sys.stderr)
         return 130

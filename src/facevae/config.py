@@ -53,7 +53,7 @@ class Config:
     weight_decay: float = 0.0
     eval_batch_size: int = 256  # batch size of the test pass and evaluation (no gradients: larger is faster)
     log_every: int = 100  # steps between logged training metrics (the deck prints PSNR every 100 batches)
-    save_every: int = 1  # epochs between pictures, model file and checkpoint (the last epoch is always saved)
+    image_every: int = 1  # epochs between reconstruction and sample grids in images/ (the last epoch always has them)
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
     image_count: int = 32  # images in the per-epoch reconstruction and sample grids
     max_bad_steps: int = 10  # consecutive non-finite losses tolerated (the batch is skipped) before stopping
@@ -61,12 +61,14 @@ class Config:
     device: str = "auto"  # auto (cuda when present), cpu or cuda
     precision: str = "float32"  # float32, bf16, fp16 or auto (bf16 where the device has it)
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    channels_last: bool = True  # NHWC memory layout: faster convolutions on CPUs (oneDNN) and GPU tensor cores
+    compile: bool = False  # torch.compile the network: faster steps after a compile of a minute or so
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> "Config":
         """Check every value; raise UserError naming the key on the first bad one."""
         pos_int = ("image_size", "channels", "latent_dim", "epochs", "batch_size", "eval_batch_size",
-                   "log_every", "image_count", "max_bad_steps", "save_every")
+                   "log_every", "image_count", "max_bad_steps", "image_every")
         for key in pos_int:
             if getattr(self, key) < 1:
                 raise UserError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")

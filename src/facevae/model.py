@@ -29,13 +29,15 @@ from facevae.objectives import ELBO
 
 
 def down_block(cin: int, cout: int) -> nn.Sequential:
-    """(B, cin, H, W) -> (B, cout, H/2, W/2)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+    """(B, cin, H, W) -> (B, cout, H/2, W/2). No conv bias: the BatchNorm after it removes any bias (its gradient is
+    zero, and Adam would turn the rounding noise in it into full-size steps)."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.LeakyReLU(0.2))
 
 
 def up_block(cin: int, cout: int) -> nn.Sequential:
-    """(B, cin, H, W) -> (B, cout, 2H, 2W)."""
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1),
+    """(B, cin, H, W) -> (B, cout, 2H, 2W); no bias before BatchNorm, as in down_block."""
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1, bias=False),
                          nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
 
 
@@ -117,10 +119,13 @@ class VAE(nn.Module):
             return DiscretizedLogistic(torch.sigmoid(mu), log_scale, min_scale=c.min_sigma)
         raise ValueError(f"unknown likelihood {name!r}")
 
-    def forward(self, x: torch.Tensor, *, kl_weight: float | None = None) -> ELBO:
-        """The ELBO terms of a batch x (B, C, S, S) in [0, 1], with one reparameterised sample per image."""
+    def forward(self, x: torch.Tensor, *, kl_weight: float | None = None, eps: torch.Tensor | None = None) -> ELBO:
+        """The ELBO terms of a batch x (B, C, S, S) in [0, 1], with one reparameterised sample per image.
+
+        eps: the standard normal noise of that sample, (B, latent_dim); drawn here when not given.
+        """
         posterior = self.encode(x)
-        likelihood = self.decode(posterior.sample())
+        likelihood = self.decode(posterior.sample() if eps is None else posterior.mean + posterior.std * eps)
         return objectives.elbo(posterior, likelihood, x, kl_weight=self.config.kl_weight if kl_weight is None else kl_weight)
 
     @torch.no_grad()

@@ -1,13 +1,21 @@
 """The one training loop: data on the device, Adam, logging, a test pass and pictures each epoch, checkpoints, resume.
 
-Data order is a function of (seed, epoch) alone, and a checkpoint records the position inside the epoch, so a resumed
-run sees the same batches in the same order as an uninterrupted one.
+Exact resume: the data order is a function of (seed, epoch) alone, every random draw of a step comes from the
+global RNG whose state is checkpointed, and a checkpoint records the position inside the epoch, so a run killed at
+any point and resumed sees the same batches and the same noise as an uninterrupted one.
+
+Several processes (torchrun): every rank walks the same shuffled order; step b takes the global batch
+order[b*B*k : (b+1)*B*k] and rank r its r-th slice of B. Noise is drawn for the whole global batch on every rank (the
+RNGs stay identical) and sliced the same way, and BatchNorm uses the global batch's statistics, so k processes with
+batch B follow the trajectory of one process with batch k*B. Rank 0 alone writes files.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -15,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from facevae import checkpoint as ckpt
@@ -22,7 +31,8 @@ from facevae import images as pictures
 from facevae.config import Config
 from facevae.data import open_split
 from facevae.device import autocast, resolve_device, resolve_precision, to_unit_float
-from facevae.errors import UserError
+from facevae.distributed import World, sync_batchnorm
+from facevae.errors import Interrupted, UserError
 from facevae.evaluate import evaluate
 from facevae.model import VAE
 from facevae.objectives import psnr
@@ -56,15 +66,15 @@ def seed_everything(seed: int) -> None:
 
 
 def epoch_order(n: int, *, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled image indices of one epoch: the same for a given (seed, epoch) on every run and every resume."""
+    """The shuffled image indices of one epoch: the same for a given (seed, epoch) on every run, rank and resume."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
 
 
-def batches_per_epoch(n: int, batch_size: int) -> int:
-    """Full batches, plus the last partial one unless it holds a single image (BatchNorm needs two)."""
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest >= 2 else 0)
+def batches_per_epoch(n: int, global_batch: int, world_size: int = 1) -> int:
+    """Full global batches, plus (one process only) a last partial one unless it holds a single image."""
+    full, rest = divmod(n, global_batch)
+    return full + (1 if world_size == 1 and rest >= 2 else 0)
 
 
 def load_data(config: Config, *, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,114 +86,240 @@ def load_data(config: Config, *, progress: bool = True) -> tuple[torch.Tensor, t
     return train.images, test.images
 
 
-class MetricsLog:
-    """RUN_DIR/metrics.jsonl: one JSON object per line, appended and flushed as it goes."""
+class GracefulStop:
+    """SIGINT / SIGTERM ask the loop to stop after the current step (it then checkpoints); a second SIGINT exits
+    at once, which is safe because every checkpoint write is atomic."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl: one JSON object per line, appended as it goes; rank 0 only."""
+
+    def __init__(self, path: Path, *, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records newer than a checkpoint we resume from (a killed run may have logged past it)."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        ckpt.atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def train(config: Config, run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; return the last epoch's record."""
     config.validate()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    world = World.from_env()
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
     precision = resolve_precision(config.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
+    world.init(device)
+    try:
+        return _train(config, run_dir, world, device, precision, progress=progress and world.is_main)
+    finally:
+        world.close()
+
+
+def _train(config: Config, run_dir: Path, world: World, device: torch.device, precision: str, *,
+           progress: bool) -> dict[str, Any]:
+    say = _say if world.is_main else (lambda message: None)
+    if world.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write(run_dir / "config.toml", config.to_toml())
+        except OSError as e:
+            raise UserError(f"cannot write to run directory {run_dir}: {e.strerror or e}; "
+                            f"choose a writable --out") from None
     seed_everything(config.seed)
     train_images, test_images = load_data(config, progress=progress)
     train_images = train_images.to(device)  # uint8 on the device: 4x smaller than float, converted per batch there
 
     vae = VAE(config).to(device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    state = {"step": 0, "epoch": 0, "batch": 0}
+    if world.size > 1:  # before the optimiser is built: it must hold the new BatchNorm's parameters
+        vae = sync_batchnorm(vae, device)
+    if config.channels_last:
+        vae = vae.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                 **({"fused": True} if device.type == "cuda" else {}))
+    global_batch = config.batch_size * world.size
+    state: dict[str, Any] = {"global_batch": global_batch, "step": 0, "epoch": 0, "batch": 0, "bad_steps": 0, "skipped": 0,
+                             "sums": [0.0] * len(TRAIN_TERMS), "count": 0, "seen": 0, "seconds": 0.0}
     if ckpt.has_checkpoint(run_dir):
         saved = ckpt.load_checkpoint(run_dir, vae, optimizer)
-        for group in optimizer.param_groups:  # a flag may have changed the learning rate for the rest of the run
+        for group in optimizer.param_groups:  # a flag may have changed these for the rest of the run
             group["lr"], group["weight_decay"] = config.learning_rate, config.weight_decay
-        state = {k: saved[k] for k in state}
-        _say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    ckpt.atomic_write(run_dir / "config.toml", config.to_toml())
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    _say(f"training {run_dir}: {config.likelihood} likelihood, data {config.data} ({len(train_images)} train / "
-         f"{len(test_images)} test images), {config.epochs} epochs, {device} {precision}")
+        state.update({k: saved[k] for k in state if k in saved and k != "global_batch"})
+        if saved.get("global_batch", global_batch) != global_batch:  # another world size or batch: same images done
+            state["batch"] = state["batch"] * saved["global_batch"] // global_batch
+        say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main)
+    log.truncate_after(state["step"])
 
+    model: torch.nn.Module = vae
+    if world.size > 1:
+        model = DistributedDataParallel(vae,
+                                        device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        model = torch.compile(model)
     n = len(train_images)
-    nb = batches_per_epoch(n, config.batch_size)
+    nb = batches_per_epoch(n, global_batch, world.size)
+    if nb == 0:
+        raise UserError(f"batch_size {config.batch_size} x {world.size} process(es) is larger than the {n} "
+                        f"training images; lower batch_size")
     fixed_test = test_images[: config.image_count] if len(test_images) else train_images[: config.image_count].cpu()
-    sample_gen_seed = config.seed + 12345  # the same prior draws every epoch, so the sample grids show progress
-    record: dict[str, Any] = {}
+    say(f"training {run_dir}: {config.likelihood} likelihood, data {config.data} ({n} train / {len(test_images)} "
+        f"test images), {config.epochs} epochs of {nb} steps, {world.size} process(es), {device}, {precision}")
     if state["epoch"] >= config.epochs:
-        _say(f"{run_dir} has already trained {state['epoch']} epoch(s) (epochs = {config.epochs}); "
-             f"raise --epochs to train further")
-    for epoch in range(state["epoch"], config.epochs):
-        vae.train()
-        order = epoch_order(n, seed=config.seed, epoch=epoch).to(device)
-        sums = torch.zeros(len(TRAIN_TERMS), device=device)  # accumulated on the device; read when logged
-        count = 0
-        t0, seen = time.perf_counter(), 0
-        bar = tqdm(range(state["batch"], nb), desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        for b in bar:
-            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
-            x = to_unit_float(train_images[idx], device)
-            if config.hflip:
-                flip = torch.rand(len(x), device=device) < 0.5
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-            kl_weight = config.kl_weight * _warmup(state["step"], config.kl_warmup_steps)
-            with autocast(device, precision):
-                terms = vae(x, kl_weight=kl_weight)
-            if not torch.isfinite(terms.loss):
-                state["bad_steps"] = state.get("bad_steps", 0) + 1
-                if state["bad_steps"] >= config.max_bad_steps:
-                    raise UserError(f"the loss was not finite for {state['bad_steps']} steps in a row (last at step "
-                                    f"{state['step']}); lower learning_rate; the last good checkpoint is in {run_dir}")
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            state["bad_steps"] = 0
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            optimizer.step()
-            state["step"] += 1
-            seen += len(x)
-            with torch.no_grad():
-                sums += torch.stack([terms.loss, terms.elbo.mean(), terms.recon.mean(), terms.kl.mean(),
-                                     psnr(terms.x_mean, x).mean()]).float()
-            count += 1
-            if state["step"] % config.log_every == 0:
-                means = dict(zip(TRAIN_TERMS, (sums / count).tolist()))
-                rate = seen / (time.perf_counter() - t0)
-                log.write({"kind": "step", "step": state["step"], "epoch": epoch + 1, **{f"train_{k}": v for k, v in means.items()},
-                           "kl_weight": kl_weight, "lr": optimizer.param_groups[0]["lr"], "img_per_s": rate})
-                bar.set_postfix(loss=f"{means['loss']:.1f}", psnr=f"{means['psnr']:.2f}dB")
-            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
-                ckpt.save_checkpoint(run_dir, vae, optimizer, {**state, "epoch": epoch, "batch": b + 1})
-        bar.close()
-        elapsed = time.perf_counter() - t0
-        means = dict(zip(TRAIN_TERMS, (sums / max(count, 1)).tolist()))
-        state.update(epoch=epoch + 1, batch=0)
+        say(f"{run_dir} has already trained {state['epoch']} epoch(s) (epochs = {config.epochs}); "
+            f"raise --epochs to train further")
+    record: dict[str, Any] = {}
 
-        vae.eval()
-        test = evaluate(vae, test_images, batch_size=config.eval_batch_size, device=device, precision=precision) \
-            if len(test_images) else {}
-        record = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"],
-                  **{f"train_{k}": v for k, v in means.items()},
-                  **{f"test_{k}": test[k] for k in ("elbo_nats", "recon_nats", "kl_nats", "elbo_bpd", "psnr_db", "mse")
-                     if k in test},
-                  "img_per_s": seen / elapsed if elapsed > 0 else None, "seconds": elapsed}
-        log.write(record)
-        if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
-            _save_pictures(vae, fixed_test, run_dir, epoch + 1, device, sample_gen_seed, config.image_count)
-            ckpt.save_model(vae, run_dir / ckpt.MODEL_FILE)
+    def save_checkpoint() -> None:
+        if not world.is_main:
+            return
+        try:
             ckpt.save_checkpoint(run_dir, vae, optimizer, state)
-            _say(_epoch_line(record))
+        except OSError as e:
+            why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            raise UserError(f"could not write a checkpoint at step {state['step']} ({why}); the previous "
+                            f"checkpoint in {run_dir} is intact: free space and run the same command to resume") from None
+
+    with GracefulStop() as stop:
+        for epoch in range(state["epoch"], config.epochs):
+            model.train()
+            order = epoch_order(n, seed=config.seed, epoch=epoch).to(device)
+            sums = torch.tensor(state["sums"], device=device)  # accumulated on the device; read when logged
+            t0 = time.perf_counter() - state["seconds"]
+            bar = tqdm(total=nb, initial=state["batch"], desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
+            for b in range(state["batch"], nb):
+                batch_idx = order[b * global_batch:(b + 1) * global_batch]
+                size = len(batch_idx) // world.size
+                mine = slice(world.rank * size, (world.rank + 1) * size)
+                x = to_unit_float(train_images[batch_idx[mine]], device)
+                if config.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                # Noise for the whole global batch on every rank (RNGs stay in step), then this rank's slice.
+                flip = torch.rand(len(batch_idx), device=device)[mine] < 0.5 if config.hflip else None
+                eps = torch.randn(len(batch_idx), config.latent_dim, device=device)[mine]
+                if flip is not None:
+                    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+                kl_weight = config.kl_weight * _warmup(state["step"], config.kl_warmup_steps)
+                with autocast(device, precision):
+                    terms = model(x, kl_weight=kl_weight, eps=eps)
+                optimizer.zero_grad(set_to_none=True)
+                terms.loss.backward()
+                finite, stopping = _step_flags(terms.loss, vae, world, stop.requested is not None)
+                if not finite:
+                    # Skip the batch: no update, counted; too many in a row stops the run at its last checkpoint.
+                    optimizer.zero_grad(set_to_none=True)
+                    state["bad_steps"] += 1
+                    state["skipped"] += 1
+                    log.write({"kind": "skipped", "step": state["step"], "epoch": epoch + 1, "batch": b,
+                               "reason": "non-finite loss or gradient"})
+                    if state["bad_steps"] >= config.max_bad_steps:
+                        raise UserError(
+                            f"the loss or its gradient was not finite for {state['bad_steps']} steps in a row (at "
+                            f"step {state['step']}); lower learning_rate or check the data; the last good "
+                            f"checkpoint is in {run_dir}")
+                else:
+                    optimizer.step()
+                    state["bad_steps"] = 0
+                    state["step"] += 1
+                    state["count"] += 1
+                    state["seen"] += len(batch_idx)
+                    with torch.no_grad():
+                        sums += torch.stack([terms.loss, terms.elbo.mean(), terms.recon.mean(), terms.kl.mean(),
+                                             psnr(terms.x_mean, x).mean()]).float()
+                state["batch"] = b + 1
+                bar.update(1)
+                if state["step"] % config.log_every == 0 and state["count"]:
+                    means = dict(zip(TRAIN_TERMS, (world.sum(sums.clone()) / world.size / state["count"]).tolist()))
+                    rate = state["seen"] / (time.perf_counter() - t0)
+                    log.write({"kind": "step", "step": state["step"], "epoch": epoch + 1,
+                               **{f"train_{k}": v for k, v in means.items()}, "kl_weight": kl_weight,
+                               "lr": optimizer.param_groups[0]["lr"], "img_per_s": rate})
+                    bar.set_postfix(loss=f"{means['loss']:.1f}", psnr=f"{means['psnr']:.2f}dB")
+                ckpt_now = config.checkpoint_every and state["step"] % config.checkpoint_every == 0
+                if stopping or ckpt_now:
+                    state["sums"], state["seconds"] = sums.tolist(), time.perf_counter() - t0
+                    save_checkpoint()
+                if stopping:
+                    bar.close()
+                    name = stop.requested or "a signal to another process"
+                    say(f"stopped by {name} at step {state['step']}; checkpoint saved. "
+                        f"Resume with: facevae train --out {run_dir}")
+                    raise Interrupted(130 if stop.requested == "SIGINT" else 143)
+            bar.close()
+            elapsed = time.perf_counter() - t0
+            means = dict(zip(TRAIN_TERMS, (world.sum(sums.clone()) / world.size / max(state["count"], 1)).tolist()))
+            seen = state["seen"]
+            state.update(epoch=epoch + 1, batch=0, sums=[0.0] * len(TRAIN_TERMS), count=0, seen=0, seconds=0.0)
+
+            vae.eval()
+            test = evaluate(vae, test_images, batch_size=config.eval_batch_size, device=device,
+                            precision=precision) if len(test_images) else {}
+            record = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"],
+                      **{f"train_{k}": v for k, v in means.items()},
+                      **{f"test_{k}": test[k] for k in ("elbo_nats", "recon_nats", "kl_nats", "elbo_bpd", "psnr_db",
+                                                        "mse") if k in test},
+                      "skipped_steps": state["skipped"], "img_per_s": seen / elapsed if elapsed > 0 else None,
+                      "seconds": elapsed}
+            log.write(record)
+            last = epoch + 1 == config.epochs
+            if world.is_main:
+                if (epoch + 1) % config.image_every == 0 or last:
+                    _save_pictures(vae, fixed_test, run_dir, epoch + 1, device, config.seed + 12345,
+                                   config.image_count)
+                ckpt.save_model(vae, run_dir / ckpt.MODEL_FILE)
+            save_checkpoint()
+            if (epoch + 1) % config.image_every == 0 or last:
+                say(_epoch_line(record))
+    world.barrier()
     return record
+
+
+def _step_flags(loss: torch.Tensor, vae: VAE, world: World, stop: bool) -> tuple[bool, bool]:
+    """(loss and every gradient finite on every rank, a stop was requested on some rank): one host sync per step."""
+    grads = [p.grad for p in vae.parameters() if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads \
+        else torch.zeros((), device=loss.device)
+    bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(norm)).float()
+    flags = world.sum(torch.stack([bad, torch.tensor(float(stop), device=bad.device)])).tolist()
+    return flags[0] == 0, flags[1] > 0
 
 
 def _warmup(step: int, steps: int) -> float:
@@ -194,7 +330,11 @@ def _warmup(step: int, steps: int) -> float:
 @torch.no_grad()
 def _save_pictures(vae: VAE, real: torch.Tensor, run_dir: Path, epoch: int, device: torch.device, seed: int,
                    count: int) -> None:
-    """images/reconstructions_eNNN.png (real rows above predicted rows) and images/samples_eNNN.png, plus the latest."""
+    """images/reconstructions_eNNN.png (real rows above predicted rows) and images/samples_eNNN.png, plus the latest.
+
+    The prior draws come from their own generator (the same every epoch, so the grids show progress) and leave the
+    training RNG untouched.
+    """
     vae.eval()
     rec = vae.reconstruct(to_unit_float(real, device))
     samples = vae.sample(count, generator=torch.Generator().manual_seed(seed))

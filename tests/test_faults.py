@@ -1,0 +1,285 @@
+"""Never lose a run: kills and resumes, signals, damaged checkpoints, non-finite losses, full disks, many processes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from facevae import checkpoint as ckpt
+from facevae.cli import main
+from facevae.errors import UserError
+from facevae.model import VAE
+from facevae.train import train
+
+# 80 training faces, batch 8: 10 steps per epoch, 3 epochs; a checkpoint every 2 steps; flips use the RNG too.
+SETTINGS = ["image_size=32", "channels=1", "widths=[16, 32]", "latent_dim=8", "batch_size=8", "epochs=3",
+            "checkpoint_every=2", "hflip=true", "log_every=5", "image_every=3", "data=\"lfw\"", "threads=1"]
+
+
+def _args(out: Path, *extra: str) -> list[str]:
+    args = [sys.executable, "-m", "facevae", "train", "--out", str(out), "--quiet"]
+    for s in [*SETTINGS, *extra]:
+        args += ["--set", s]
+    return args
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_args(out, *extra), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _step(out: Path) -> int:
+    try:
+        return json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def _start_and_signal(out: Path, at_step: int, sig: int, *, twice: bool = False) -> subprocess.Popen:
+    """Start a training process and send it `sig` once its checkpoint has reached `at_step`."""
+    proc = subprocess.Popen(_args(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while _step(out) < at_step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "training finished before it could be interrupted"
+    proc.send_signal(sig)
+    if twice:
+        proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model.safetensors"))
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+    epochs = [[r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["kind"] != "skipped"]
+              for d in (a, b)]
+    strip = ("img_per_s", "seconds")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in epochs[0]] == \
+           [{k: v for k, v in r.items() if k not in strip} for r in epochs[1]]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run every interrupted one must match bit for bit."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    _run(out)
+    return out
+
+
+@pytest.mark.parametrize("kill_after", [3, 16])
+def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_after):
+    out = tmp_path / "run"
+    proc = _start_and_signal(out, kill_after, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    lost_at = _step(out)
+    assert lost_at >= kill_after - 1  # at most the steps since the last checkpoint are lost
+    _run(out)
+    _assert_identical(reference, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [1, 7, 10, 11, 22, 29])
+def test_sigkill_at_more_points(reference, tmp_path, kill_after):
+    test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_after)
+
+
+def test_sigint_checkpoints_and_says_how_to_resume(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_and_signal(out, 5, signal.SIGINT)
+    assert proc.returncode == 130
+    err = proc.stderr.read()
+    assert "stopped by SIGINT" in err and f"facevae train --out {out}" in err
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert 0 < state["batch"] < 10 or state["epoch"] > 0  # stopped inside an epoch, position recorded
+    _run(out)
+    _assert_identical(reference, out)
+
+
+def test_second_sigint_exits_at_once_and_keeps_the_checkpoint(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _start_and_signal(out, 4, signal.SIGINT, twice=True)
+    assert proc.returncode == 130
+    assert not (out / "checkpoint.new").exists() or ckpt.has_checkpoint(out)
+    _run(out)  # whatever the second signal interrupted, the last checkpoint resumes
+    _assert_identical(reference, out)
+
+
+def test_sigterm_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    proc = _start_and_signal(out, 3, signal.SIGTERM)
+    assert proc.returncode == 143
+    assert "stopped by SIGTERM" in proc.stderr.read()
+
+
+@pytest.fixture
+def finished(reference, tmp_path) -> Path:
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(reference), str(copy)], check=True)
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["truncate_model", "truncate_optimizer", "wrong_checksum", "pickle"])
+def test_damaged_checkpoint_is_refused(finished, tmp_path, damage, capsys):
+    cdir = finished / "checkpoint"
+    marker = tmp_path / "unpickled"
+    if damage == "truncate_model":
+        data = (cdir / "model.safetensors").read_bytes()
+        (cdir / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "truncate_optimizer":
+        (cdir / "optimizer.safetensors").write_bytes(b"")
+    elif damage == "wrong_checksum":
+        state = json.loads((cdir / "state.json").read_text())
+        state["sha256"]["model.safetensors"] = "0" * 64
+        (cdir / "state.json").write_text(json.dumps(state))
+    else:
+        (cdir / "optimizer.safetensors").write_bytes(pickle.dumps(_Exploit(str(marker))))
+    assert main(["train", "--out", str(finished), "--epochs", "4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "checksum mismatch" in err and "damaged" in err
+    assert not marker.exists()
+
+
+def test_pickle_in_place_of_the_model_is_never_unpickled(finished, tmp_path, capsys):
+    marker = tmp_path / "unpickled"
+    (finished / "model.safetensors").write_bytes(pickle.dumps(_Exploit(str(marker))))
+    for command in (["evaluate", str(finished)], ["sample", str(finished)], ["summary", str(finished)]):
+        assert main(command) == 2
+        assert "not a valid safetensors file" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_weights_that_do_not_match_the_config_are_refused(finished, capsys):
+    from safetensors.torch import save_file
+
+    tensors, metadata = ckpt.read_safetensors(finished / "model.safetensors")
+    tensors["encoder.to_mean.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(finished / "model.safetensors"), metadata=metadata)
+    assert main(["sample", str(finished)]) == 2
+    assert "encoder.to_mean.weight" in capsys.readouterr().err
+
+
+class _Exploit:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path(self.path).touch, ())
+
+
+def _tiny(**extra):
+    from conftest import tiny_config
+
+    return tiny_config(batch_size=8, epochs=2, log_every=1, checkpoint_every=2, image_every=2, **extra)
+
+
+def test_non_finite_loss_skips_the_batch(tmp_path, monkeypatch):
+    original = VAE.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, x, **kw):
+        calls["n"] += 1
+        terms = original(self, x, **kw)
+        if calls["n"] in (3, 7, 8):  # the 3rd, 7th and 8th training batches
+            terms.loss = terms.loss * float("nan")
+        return terms
+
+    monkeypatch.setattr(VAE, "forward", sometimes_nan)
+    record = train(_tiny(), tmp_path / "run", progress=False)
+    assert record["skipped_steps"] == 3 and record["step"] == 20 - 3
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in lines if r["kind"] == "skipped"] == [2, 6, 7]
+    assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "run").values())
+
+
+def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = VAE.forward
+    calls = {"n": 0}
+
+    def nan_from_the_fifth(self, x, **kw):
+        calls["n"] += 1
+        terms = original(self, x, **kw)
+        if calls["n"] >= 5:
+            terms.loss = terms.loss * float("inf")
+        return terms
+
+    monkeypatch.setattr(VAE, "forward", nan_from_the_fifth)
+    with pytest.raises(UserError, match="not finite for 3 steps in a row"):
+        train(_tiny(max_bad_steps=3), tmp_path / "run", progress=False)
+    assert _step(tmp_path / "run") == 4  # the checkpoint of step 4 is kept
+    monkeypatch.setattr(VAE, "forward", original)
+    record = train(_tiny(max_bad_steps=3), tmp_path / "run", progress=False)  # and resumes once the fault is gone
+    assert record["epoch"] == 2
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real = ckpt.atomic_write
+    writes = {"n": 0}
+
+    def full_disk(path, data):
+        if Path(path).parent.name == "checkpoint.new":
+            writes["n"] += 1
+            if writes["n"] > 3:  # the first checkpoint (3 files) succeeds, the next one hits a full disk
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "atomic_write", full_disk)
+    with pytest.raises(UserError, match="disk is full.*previous checkpoint .* is intact"):
+        train(_tiny(), tmp_path / "run", progress=False)
+    assert _step(tmp_path / "run") == 2
+    monkeypatch.setattr(ckpt, "atomic_write", real)
+    assert train(_tiny(), tmp_path / "run", progress=False)["step"] == 20
+
+
+def test_unwritable_run_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UserError, match="cannot write to run directory"):
+        train(_tiny(), blocker / "run", progress=False)
+
+
+def test_two_processes_follow_the_one_process_trajectory(tmp_path):
+    """torchrun with 2 CPU processes (gloo) and batch B each == one process with batch 2B, weights within 1e-5."""
+    common = ["image_size=32", "channels=1", "widths=[8, 16]", "latent_dim=4", "epochs=1", "hflip=true",
+              "data=\"lfw\"", "log_every=1", "threads=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = [sys.executable, "-m", "facevae", "train", "--quiet"]
+    for s in [*common, "batch_size=16"]:
+        args += ["--set", s]
+    subprocess.run([*args[:4], "--out", str(one), *args[4:]], check=True, capture_output=True, timeout=300)
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "facevae", "train", "--out", str(two), "--quiet"]
+    for s in [*common, "batch_size=8"]:
+        run += ["--set", s]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wa, wb = _weights(one), _weights(two)
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5, rtol=1e-4), k
+    steps = [[r["step"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+             for d in (one, two)]
+    assert steps[0] == steps[1] == [1, 2, 3, 4, 5]
+    # a run trained by two processes resumes in one
+    resumed = subprocess.run([sys.executable, "-m", "facevae", "train", "--out", str(two), "--epochs", "2", "--quiet"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((two / "checkpoint" / "state.json").read_text())["step"] == 5 + 10  # one process, batch 8: 10 steps
