@@ -7,7 +7,11 @@ FACEVAE := $(VENV)/bin/facevae
 TORCH_SPEC ?= torch==2.13.0
 RUN ?= runs/lfw-faces
 
-.PHONY: install demo test test-slow bench clean
+LIKELIHOODS := gaussian gaussian_learned gaussian_optimal gaussian_optimal_per_image bernoulli \
+	continuous_bernoulli discretized_logistic
+COMPARE_EPOCHS ?= 100
+
+.PHONY: install demo test test-slow bench compare-demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +35,19 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 bench: install
+	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/evaluate.py
+	$(PY) benchmarks/prepare.py
+
+# Every likelihood on the demo faces for the same budget, then one table (Markdown) and one picture.
+compare-demo: install
+	for l in $(LIKELIHOODS); do \
+	  $(FACEVAE) train --config configs/lfw-faces.toml --out runs/compare/$$l --quiet \
+	    --set likelihood=$$l --set epochs=$(COMPARE_EPOCHS) --set image_every=$(COMPARE_EPOCHS) && \
+	  $(FACEVAE) evaluate runs/compare/$$l --iw-samples 100 > /dev/null || exit 1; \
+	done
+	$(FACEVAE) compare $(addprefix runs/compare/,$(LIKELIHOODS)) --out runs/compare/compare.png \
+	  | tee runs/compare/compare.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

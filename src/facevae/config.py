@@ -48,6 +48,7 @@ class Config:
     # --- training
     seed: int = 0  # seeds weights, data order and sampling
     epochs: int = 10
+    max_steps: int = 0  # stop (with a checkpoint) after this many optimiser steps in all (0: no limit)
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam
     weight_decay: float = 0.0
@@ -59,7 +60,9 @@ class Config:
     max_bad_steps: int = 10  # consecutive non-finite losses tolerated (the batch is skipped) before stopping
     # --- hardware
     device: str = "auto"  # auto (cuda when present), cpu or cuda
-    precision: str = "float32"  # float32, bf16, fp16 or auto (bf16 where the device has it)
+    # auto: bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else float32; likelihood and
+    # KL sums stay float32. On the demo, bf16 reached the float32 test ELBO within 0.01 bits/dim (tests/test_precision.py).
+    precision: str = "auto"
     threads: int = 0  # CPU threads for torch (0: torch's default)
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CPUs (oneDNN) and GPU tensor cores
     compile: bool = False  # torch.compile the network: faster steps after a compile of a minute or so
@@ -72,7 +75,7 @@ class Config:
         for key in pos_int:
             if getattr(self, key) < 1:
                 raise UserError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
-        for key in ("kl_warmup_steps", "checkpoint_every", "threads", "weight_decay", "kl_weight"):
+        for key in ("kl_warmup_steps", "max_steps", "checkpoint_every", "threads", "weight_decay", "kl_weight"):
             if getattr(self, key) < 0:
                 raise UserError(f"config key '{key}' must not be negative, got {getattr(self, key)}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):

@@ -12,6 +12,7 @@ batch B follow the trajectory of one process with batch k*B. Rank 0 alone writes
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import random
@@ -174,6 +175,8 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
         vae = vae.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                  **({"fused": True} if device.type == "cuda" else {}))
+    # fp16 needs loss scaling against underflow; for float32 and bf16 the scaler is disabled and every call a no-op.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     global_batch = config.batch_size * world.size
     state: dict[str, Any] = {"global_batch": global_batch, "step": 0, "epoch": 0, "batch": 0, "bad_steps": 0, "skipped": 0,
                              "sums": [0.0] * len(TRAIN_TERMS), "count": 0, "seen": 0, "seconds": 0.0}
@@ -182,11 +185,16 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
         for group in optimizer.param_groups:  # a flag may have changed these for the rest of the run
             group["lr"], group["weight_decay"] = config.learning_rate, config.weight_decay
         state.update({k: saved[k] for k in state if k in saved and k != "global_batch"})
+        if saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         if saved.get("global_batch", global_batch) != global_batch:  # another world size or batch: same images done
             state["batch"] = state["batch"] * saved["global_batch"] // global_batch
         say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main)
     log.truncate_after(state["step"])
+    log.write({"kind": "run", "step": state["step"], "device": str(device), "precision": precision,
+               "processes": world.size, "channels_last": config.channels_last, "compile": config.compile,
+               "torch": torch.__version__, "threads": torch.get_num_threads()})
 
     model: torch.nn.Module = vae
     if world.size > 1:
@@ -211,7 +219,7 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
         if not world.is_main:
             return
         try:
-            ckpt.save_checkpoint(run_dir, vae, optimizer, state)
+            ckpt.save_checkpoint(run_dir, vae, optimizer, {**state, "scaler": scaler.state_dict()})
         except OSError as e:
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise UserError(f"could not write a checkpoint at step {state['step']} ({why}); the previous "
@@ -238,13 +246,15 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
                 if flip is not None:
                     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
                 kl_weight = config.kl_weight * _warmup(state["step"], config.kl_warmup_steps)
-                with autocast(device, precision):
+                with autocast(device, precision), _compile_errors(config.compile):
                     terms = model(x, kl_weight=kl_weight, eps=eps)
                 optimizer.zero_grad(set_to_none=True)
-                terms.loss.backward()
+                scaler.scale(terms.loss).backward()
+                scaler.unscale_(optimizer)  # true gradients, for the finiteness check (fp16 only)
                 finite, stopping = _step_flags(terms.loss, vae, world, stop.requested is not None)
                 if not finite:
                     # Skip the batch: no update, counted; too many in a row stops the run at its last checkpoint.
+                    scaler.update()  # fp16: lower the loss scale
                     optimizer.zero_grad(set_to_none=True)
                     state["bad_steps"] += 1
                     state["skipped"] += 1
@@ -256,7 +266,8 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
                             f"step {state['step']}); lower learning_rate or check the data; the last good "
                             f"checkpoint is in {run_dir}")
                 else:
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     state["bad_steps"] = 0
                     state["step"] += 1
                     state["count"] += 1
@@ -274,7 +285,8 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
                                "lr": optimizer.param_groups[0]["lr"], "img_per_s": rate})
                     bar.set_postfix(loss=f"{means['loss']:.1f}", psnr=f"{means['psnr']:.2f}dB")
                 ckpt_now = config.checkpoint_every and state["step"] % config.checkpoint_every == 0
-                if stopping or ckpt_now:
+                at_max = config.max_steps and state["step"] >= config.max_steps
+                if stopping or ckpt_now or at_max:
                     state["sums"], state["seconds"] = sums.tolist(), time.perf_counter() - t0
                     save_checkpoint()
                 if stopping:
@@ -283,6 +295,11 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
                     say(f"stopped by {name} at step {state['step']}; checkpoint saved. "
                         f"Resume with: facevae train --out {run_dir}")
                     raise Interrupted(130 if stop.requested == "SIGINT" else 143)
+                if at_max:
+                    bar.close()
+                    say(f"reached max_steps = {config.max_steps}; checkpoint saved in {run_dir}")
+                    return {"kind": "max_steps", "step": state["step"], "epoch": epoch,
+                            "img_per_s": state["seen"] / (time.perf_counter() - t0)}
             bar.close()
             elapsed = time.perf_counter() - t0
             means = dict(zip(TRAIN_TERMS, (world.sum(sums.clone()) / world.size / max(state["count"], 1)).tolist()))
@@ -320,6 +337,22 @@ def _step_flags(loss: torch.Tensor, vae: VAE, world: World, stop: bool) -> tuple
     bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(norm)).float()
     flags = world.sum(torch.stack([bad, torch.tensor(float(stop), device=bad.device)])).tolist()
     return flags[0] == 0, flags[1] > 0
+
+
+@contextlib.contextmanager
+def _compile_errors(enabled: bool):
+    """Turn a torch.compile failure (no C compiler, an unsupported op) into a one-line UserError."""
+    if not enabled:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - compile errors come from many torch._dynamo / inductor classes
+        if "torch._dynamo" in type(e).__module__ or "torch._inductor" in type(e).__module__:
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise UserError(f"torch.compile failed ({type(e).__name__}: {first}); train without it: "
+                            f"--set compile=false") from None
+        raise
 
 
 def _warmup(step: int, steps: int) -> float:

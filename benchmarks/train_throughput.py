@@ -1,0 +1,175 @@
+"""Training throughput: facevae's loop beside the popular repository's way, same network, batch and optimiser.
+
+facevae:   the uint8 cache in memory (on the GPU when there is one), batches by index, uint8 -> float on the device,
+           channels_last, the config's precision (`auto`: bf16 where the device has it), one host sync per step.
+reference: a PyTorch DataLoader with 4 workers that opens, decodes, center-crops (148) and resizes (64) a 178x218
+           CelebA-sized JPEG per item every epoch, float32, default (contiguous) memory format.
+
+Both train the deck's 64x64 network (facevae.model.VAE, Config() defaults) with Adam on generated images; the
+reference's JPEG decoding is its steady state, facevae's one-time `prepare` is not counted. The last line printed is
+one JSON object: facevae_img_s, reference_img_s, ratio, device, batch_size.
+
+    python benchmarks/train_throughput.py [--steps 30] [--batch-size 64] [--device auto]
+    python benchmarks/train_throughput.py --full-cache    # also: peak memory on a 202,599-image cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from facevae.config import Config
+from facevae.data.cache import SPLIT_NAMES, CacheWriter
+from facevae.device import resolve_device
+from facevae.model import VAE
+from facevae.train import train
+
+
+def smooth_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """n face-sized RGB images (n, H, W, 3) uint8: smooth colour fields plus noise, so JPEG sizes are realistic."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    out = np.empty((n, height, width, 3), np.uint8)
+    for i in range(n):
+        a, b, c = rng.uniform(0.01, 0.05, 3)
+        base = 128 + 80 * np.sin(a * xx + b * yy + c * i)[..., None] * rng.uniform(0.5, 1, 3)
+        out[i] = np.clip(base + rng.normal(0, 12, (height, width, 3)), 0, 255)
+    return out
+
+
+def write_cache(path: Path, images: np.ndarray) -> Path:
+    """A facevae cache of (N, H, W, 3) images, all in the train split."""
+    n, h, _, _ = images.shape
+    writer = CacheWriter(path, count=n, channels=3, size=h)
+    writer.images[:] = images.transpose(0, 3, 1, 2)
+    writer.split_codes[:] = SPLIT_NAMES.index("train")
+    writer.commit({"source": {"kind": "generated", "path": "", "layout": "benchmark"}, "crop": None,
+                   "split": {"scheme": "all-train", "seed": 0}, "skipped": []})
+    return path
+
+
+class JpegFaces(Dataset):
+    """What the popular repository does per item: open a JPEG, decode, crop 148, resize 64, to float."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = Image.open(self.paths[i]).convert("RGB")
+        left, top = (img.width - 148) // 2, (img.height - 148) // 2
+        img = img.crop((left, top, left + 148, top + 148)).resize((64, 64), Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)
+
+
+def reference_loop(paths: list[Path], batch_size: int, steps: int, device: torch.device, warmup: int = 3) -> float:
+    """Images per second of a plain float32 NCHW loop fed by a 4-worker JPEG DataLoader."""
+    torch.manual_seed(0)
+    vae = VAE(Config(channels_last=False).validate()).to(device).train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    loader = DataLoader(JpegFaces(paths), batch_size=batch_size, shuffle=True, num_workers=4, drop_last=True,
+                        pin_memory=device.type == "cuda", persistent_workers=True)
+    done, t0 = 0, None
+    while done < steps + warmup:
+        for x in loader:
+            if done == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            x = x.to(device, non_blocking=True)
+            loss = vae(x).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == steps + warmup:
+                break
+    loss.item()  # wait for the last step
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
+def facevae_loop(cache: Path, run_dir: Path, batch_size: int, device: str, precision: str) -> tuple[float, str]:
+    """facevae's own training loop: two epochs over the cache, the second one (warm) timed by the loop itself."""
+    config = Config(data=str(cache), batch_size=batch_size, epochs=2, device=device, precision=precision,
+                    log_every=10_000, image_every=2, image_count=8).validate()
+    train(config, run_dir, progress=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epoch2 = [r for r in records if r["kind"] == "epoch"][-1]
+    from facevae.device import resolve_precision
+
+    return epoch2["img_per_s"], resolve_precision(precision, resolve_device(device))
+
+
+def full_cache_memory(tmp: Path, steps: int, batch_size: int) -> dict:
+    """Peak resident memory of training on a CelebA-sized cache (202,599 random 64x64 images), in a subprocess."""
+    n = 202_599
+    path = tmp / "celeba-sized"
+    writer = CacheWriter(path, count=n, channels=3, size=64)
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 10_000):  # streamed, so this process stays small too
+        stop = min(n, start + 10_000)
+        writer.images[start:stop] = rng.integers(0, 256, (stop - start, 3, 64, 64), dtype=np.uint8)
+    writer.split_codes[:] = SPLIT_NAMES.index("train")
+    writer.split_codes[-19_962:] = SPLIT_NAMES.index("test")
+    writer.commit({"source": {"kind": "generated"}, "crop": None, "split": {"scheme": "official-sized"},
+                   "skipped": []})
+    cache_bytes = n * 3 * 64 * 64
+    cmd = [sys.executable, "-m", "facevae", "train", "--out", str(tmp / "run-full"), "--quiet", "--data", str(path),
+           "--set", f"max_steps={steps}", "--set", f"batch_size={batch_size}", "--set", "eval_batch_size=512"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+    return {"cache_bytes": cache_bytes, "peak_rss_bytes": peak, "peak_over_cache": peak / cache_bytes}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30, help="timed steps of each loop")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="facevae's precision (the reference is always float32)")
+    p.add_argument("--full-cache", action="store_true", help="also measure peak memory on a 202,599-image cache")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    n = args.steps * args.batch_size
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        raw = smooth_images(n, 218, 178)
+        jpeg_dir = tmp / "jpegs"
+        jpeg_dir.mkdir()
+        paths = []
+        for i, img in enumerate(raw):
+            paths.append(jpeg_dir / f"{i + 1:06d}.jpg")
+            Image.fromarray(img).save(paths[-1], quality=95)
+        faces64 = np.stack([np.asarray(Image.fromarray(img[35:183, 15:163]).resize((64, 64), Image.Resampling.BILINEAR))
+                            for img in raw])
+        cache = write_cache(tmp / "cache", faces64)
+        ours, precision = facevae_loop(cache, tmp / "run", args.batch_size, args.device, args.precision)
+        print(f"facevae:   {ours:8.1f} img/s  (uint8 cache in memory, channels_last, {precision})", flush=True)
+        ref = reference_loop(paths, args.batch_size, args.steps, device)
+        print(f"reference: {ref:8.1f} img/s  (DataLoader, 4 workers, JPEG decode per item, float32, NCHW)", flush=True)
+        print(f"ratio:     {ours / ref:8.2f}x  on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}")
+        result = {"facevae_img_s": round(ours, 1), "reference_img_s": round(ref, 1), "ratio": round(ours / ref, 3),
+                  "device": str(device), "batch_size": args.batch_size, "precision": precision}
+        if args.full_cache:
+            mem = full_cache_memory(tmp, steps=5, batch_size=args.batch_size)
+            print(f"full CelebA-sized cache: {mem['cache_bytes'] / 2**30:.2f} GiB; peak RSS of training "
+                  f"{mem['peak_rss_bytes'] / 2**30:.2f} GiB ({mem['peak_over_cache']:.2f}x the cache)")
+            result.update(mem)
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
