@@ -26,35 +26,11 @@ from safetensors.torch import save as st_save
 
 from facevae.config import Config
 from facevae.errors import UserError
+from facevae.fileio import atomic_write, fsync_path
 from facevae.model import VAE
 
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_DIR = "checkpoint"
-
-
-# ---------------------------------------------------------------- atomic files
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` so that `path` holds either its old content or all of the new: temp, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256(data: bytes) -> str:
@@ -139,7 +115,7 @@ def save_checkpoint(run_dir: Path, vae: VAE, optimizer: torch.optim.Optimizer, s
         shutil.rmtree(old, ignore_errors=True)
         os.replace(cur, old)
     os.replace(new, cur)
-    fsync_dir(run_dir)
+    fsync_path(run_dir)
     shutil.rmtree(old, ignore_errors=True)
 
 

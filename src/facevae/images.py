@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from facevae.checkpoint import atomic_write
+from facevae.fileio import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -30,11 +30,12 @@ from tqdm import tqdm
 from facevae import checkpoint as ckpt
 from facevae import images as pictures
 from facevae.config import Config
-from facevae.data import open_split
+from facevae.data import SplitView, open_split_view
 from facevae.device import autocast, resolve_device, resolve_precision, to_unit_float
 from facevae.distributed import World, sync_batchnorm
 from facevae.errors import Interrupted, UserError
 from facevae.evaluate import evaluate
+from facevae.fileio import atomic_write
 from facevae.model import VAE
 from facevae.objectives import psnr
 
@@ -78,13 +79,13 @@ def batches_per_epoch(n: int, global_batch: int, world_size: int = 1) -> int:
     return full + (1 if world_size == 1 and rest >= 2 else 0)
 
 
-def load_data(config: Config, *, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, test) uint8 image tensors (N, C, H, W) of the configured data, prepared on first use."""
-    train = open_split(config, "train", progress=progress)
-    test = open_split(config, "test", progress=False)
+def load_data(config: Config, *, progress: bool = True) -> tuple[SplitView, SplitView]:
+    """(train, test) views of the configured data's uint8 images (N, C, H, W), prepared on first use."""
+    train = open_split_view(config, "train", progress=progress)
+    test = open_split_view(config, "test", progress=False)
     if len(train) < 2:
         raise UserError(f"the data's train split has {len(train)} image(s); training needs at least 2")
-    return train.images, test.images
+    return train, test
 
 
 class GracefulStop:
@@ -125,7 +126,7 @@ class MetricsLog:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        ckpt.atomic_write(self.path, "".join(line + "\n" for line in keep))
+        atomic_write(self.path, "".join(line + "\n" for line in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -160,13 +161,14 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
     if world.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write(run_dir / "config.toml", config.to_toml())
+            atomic_write(run_dir / "config.toml", config.to_toml())
         except OSError as e:
             raise UserError(f"cannot write to run directory {run_dir}: {e.strerror or e}; "
                             f"choose a writable --out") from None
     seed_everything(config.seed)
     train_images, test_images = load_data(config, progress=progress)
-    train_images = train_images.to(device)  # uint8 on the device: 4x smaller than float, converted per batch there
+    # uint8 on the device (4x smaller than float, converted per batch there); on the CPU the memory-mapped cache itself
+    train_images = train_images.to(device)
 
     vae = VAE(config).to(device)
     if world.size > 1:  # before the optimiser is built: it must hold the new BatchNorm's parameters

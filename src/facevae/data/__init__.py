@@ -55,7 +55,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     raise UserError(f"unknown data source '{spec}'; {SPEC_HELP}")
 
 
-def default_cache_path(spec: str, *, size: int, crop: int, split: str) -> Path:
+def default_cache_path(spec: str, *, size: int, crop: int, split: str, seed: int = 0) -> Path:
     """Where `prepare` puts the cache of a source when no --out is given (one cache per source and settings)."""
     kind, path = parse_spec(spec)
     if kind == "cache":
@@ -66,6 +66,8 @@ def default_cache_path(spec: str, *, size: int, crop: int, split: str) -> Path:
     digest = hashlib.sha1(resolved.encode()).hexdigest()[:8]
     name = Path(resolved).name or kind
     suffix = f"{size}-crop{crop}-{split}" if kind == "celeba" else f"{size}"
+    if kind == "celeba" and split == "deck":
+        suffix += f"-seed{seed}"  # the deck split is drawn from a seed
     return cache_root() / f"{kind}-{name}-{digest}-{suffix}"
 
 
@@ -76,14 +78,19 @@ def prepare(spec: str, *, size: int = 64, crop: int = 148, split: str = "officia
     if kind == "cache":
         cache = load_cache(path)
         return cache.path, cache.manifest
-    target = Path(out) if out else default_cache_path(spec, size=size, crop=crop, split=split)
+    target = Path(out) if out else default_cache_path(spec, size=size, crop=crop, split=split, seed=seed)
     if is_cache(target):
         manifest = load_cache(target).manifest
-        wanted = {"size": size, **({"crop": crop} if kind == "celeba" else {})}
-        if all(manifest.get(k) == v for k, v in wanted.items()):
+        wanted = {"size": size}
+        if kind == "celeba":  # the split decides which images are test images: a cache of another split is not this one
+            wanted.update(crop=crop, split={"scheme": split, "seed": seed} if split == "deck" else {"scheme": split})
+        have = {k: manifest.get(k) for k in wanted}
+        if kind == "celeba" and split != "deck" and isinstance(have["split"], dict):
+            have["split"] = {"scheme": have["split"].get("scheme")}
+        if have == wanted:
             return target, manifest
-        raise UserError(f"{target} already holds a cache made with other settings "
-                        f"(size {manifest.get('size')}, crop {manifest.get('crop')}); choose another --out")
+        raise UserError(f"{target} already holds a cache made with other settings ({have}, not {wanted}); "
+                        f"choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     if kind == "lfw":
         from facevae.data.bundled import prepare_lfw
@@ -114,16 +121,58 @@ def image_set(cache: Cache, split: str) -> ImageSet:
     return ImageSet(images, attributes, list(cache.manifest.get("attribute_names", [])), split, cache.manifest)
 
 
-def open_split(config, split: str, *, progress: bool = True) -> ImageSet:
+class SplitView:
+    """The images of one split without copying them: the memory-mapped cache, read through the split's indices.
+
+    Indexing with an int, a slice or an index tensor gathers those images as a uint8 tensor (B, C, H, W); memory
+    holds the cache's pages as they are touched, never a second copy of the split.
+    """
+
+    def __init__(self, images: torch.Tensor, index: torch.Tensor):
+        self.images = images  # uint8 (N_all, C, H, W), memory-mapped
+        self.index = index  # int64 (N_split,)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        return self.images[self.index[idx]]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.images.shape[1:])
+
+    def to(self, device: torch.device, *, chunk: int = 8192) -> "SplitView | torch.Tensor":
+        """On a GPU, the split gathered into device memory chunk by chunk (no host copy of the whole); else self."""
+        if torch.device(device).type == "cpu":
+            return self
+        out = torch.empty(self.shape, dtype=torch.uint8, device=device)
+        for start in range(0, len(self), chunk):
+            out[start:start + chunk] = self[start:start + chunk].to(device, non_blocking=False)
+        return out
+
+
+def open_split_view(config, split: str, *, progress: bool = True) -> SplitView:
     """One split of the data a config names (facevae.config.Config), prepared on first use and checked against it."""
     path, _ = prepare(config.data, size=config.image_size, crop=config.crop, split=config.split, seed=config.seed,
                       progress=progress)
-    images = image_set(load_cache(path), split)
-    c, h = images.images.shape[1], images.images.shape[2]
+    cache = load_cache(path)
+    _, c, h, _ = cache.images.shape
     if c != config.channels:
         raise UserError(f"the data has {c} channel(s) but the config says channels = {config.channels}; "
                         f"set channels = {c} (--set channels={c})")
     if h != config.image_size:
         raise UserError(f"the data cache holds {h}x{h} images but image_size = {config.image_size}; "
                         f"prepare it at that size or set image_size = {h}")
-    return images
+    index = torch.from_numpy(cache.split_indices(split).astype(np.int64))
+    return SplitView(torch.from_numpy(cache.images), index)
+
+
+def open_split(config, split: str, *, progress: bool = True) -> ImageSet:
+    """Like open_split_view, as an ImageSet held in memory (with the split's manifest for reports)."""
+    view = open_split_view(config, split, progress=progress)
+    path, manifest = prepare(config.data, size=config.image_size, crop=config.crop, split=config.split,
+                             seed=config.seed, progress=False)
+    cache = load_cache(path)
+    attributes = torch.from_numpy(cache.attributes[view.index.numpy()]) if cache.attributes is not None else None
+    return ImageSet(view[:], attributes, list(manifest.get("attribute_names", [])), split, manifest)

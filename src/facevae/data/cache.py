@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from facevae.errors import UserError
+from facevae.fileio import fsync_path, fsync_tree
 
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "valid", "test")
@@ -80,7 +81,7 @@ def load_cache(path: str | Path) -> Cache:
         raise UserError(f"cache {path} has format version {version}, this facevae reads version {FORMAT_VERSION}; "
                         f"prepare the data again")
     try:
-        images = np.load(path / "images.npy", mmap_mode="r")
+        images = np.load(path / "images.npy", mmap_mode="c")  # copy-on-write: torch can wrap it; the file is never written
         split_codes = np.load(path / "splits.npy")
         attributes = np.load(path / "attributes.npy") if (path / "attributes.npy").exists() else None
     except (OSError, ValueError) as e:
@@ -138,7 +139,7 @@ class CacheWriter:
     def save_progress(self) -> None:
         """Make the written pixels durable, then record `done` (atomically), so a rerun skips finished images."""
         self.images.flush()
-        _fsync_path(self.image_file)
+        fsync_path(self.image_file)
         tmp = self.partial / (DONE + ".tmp")
         _save_npy(tmp, self.done)
         os.replace(tmp, self.partial / DONE)
@@ -199,12 +200,12 @@ class CacheWriter:
         (self.partial / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
         for name in (DONE, PROGRESS):  # progress records belong to the partial cache only
             (self.partial / name).unlink(missing_ok=True)
-        _fsync_dir_files(self.partial)
+        fsync_tree(self.partial)
         del self.images  # close the memory map before the rename
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.partial, self.final)
-        _fsync_path(self.final.parent)
+        fsync_path(self.final.parent)
         return full
 
 
@@ -261,17 +262,3 @@ def _npy_header(fd: int, length: int, shape: tuple[int, ...]) -> bytes:
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir_files(path: Path) -> None:
-    for child in path.iterdir():
-        _fsync_path(child)
-    _fsync_path(path)

@@ -1,0 +1,74 @@
+"""Any folder of images (searched recursively) prepared into a cache: largest center square, resized.
+
+The split is a fixed, seeded 90/10 train/test draw (seed FOLDER_SPLIT_SEED, recorded in the manifest).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from facevae.data.decode import IMAGE_EXTENSIONS, RESAMPLE_NAME, decode_all, job_key, report_skipped, seeded_split
+from facevae.errors import UserError
+
+FOLDER_SPLIT_SEED = 0
+FOLDER_TEST_PERCENT = 10  # of the usable images, rounded half up
+
+
+def list_images(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[str], list[dict[str, str]]]:
+    """Image files under root, recursively, as sorted relative POSIX paths; and the skipped non-image files.
+
+    Hidden files and folders (names starting with ".") and the folders in `exclude` (e.g. the cache being
+    written, should it lie inside root) are passed over silently.
+    """
+    excluded = {str(p.resolve()) for p in exclude}
+    images: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.join(folder, d) not in excluded)
+        relative = os.path.relpath(folder, root)
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = name if relative == "." else f"{relative}/{name}".replace(os.sep, "/")
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(path)
+            else:
+                skipped.append({"file": path, "reason": "not an image: its extension is not one of "
+                                                        + ", ".join(IMAGE_EXTENSIONS)})
+    return sorted(images), sorted(skipped, key=lambda e: e["file"])
+
+
+def prepare_folder(root: Path, out: Path, *, size: int, progress: bool) -> dict[str, Any]:
+    """Decode every image under `root` once into a cache at `out`; return the manifest."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise UserError(f"{root} {what}; give folder:PATH a folder that holds image files")
+    if size < 1:
+        raise UserError(f"size must be positive (got {size})")
+    root = root.resolve()
+    out = Path(out)
+    names, skipped = list_images(root, exclude=(out, out.with_name(out.name + ".partial")))
+    if not names:
+        raise UserError(f"no images in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)} files)")
+    if progress:
+        print(f"facevae: {len(names):,} image files under {root}: largest center square, resize to {size}x{size}",
+              file=sys.stderr)
+    key = job_key(kind="folder", root=str(root), size=size, names=names)
+    writer, kept, failed = decode_all(out, root, names, crop=None, size=size, progress=progress,
+                                      attribute_names=None, key=key, what=str(root))
+    skipped = sorted(skipped + failed, key=lambda e: e["file"])
+    test = (len(kept) * FOLDER_TEST_PERCENT + 50) // 100
+    writer.split_codes[:] = seeded_split(len(kept), test, FOLDER_SPLIT_SEED)
+    manifest = writer.commit({
+        "source": {"kind": "folder", "path": str(root), "layout": "folder"},
+        "crop": None,
+        "resample": RESAMPLE_NAME,
+        "split": {"scheme": "fixed", "seed": FOLDER_SPLIT_SEED, "test_percent": FOLDER_TEST_PERCENT},
+        "skipped": skipped,
+    })
+    report_skipped(manifest, out)
+    return manifest
