@@ -386,3 +386,21 @@ def test_a_cache_of_another_split_is_not_reused(tmp_path, monkeypatch):
     deck0, _ = prepare(f"celeba:{root}", size=32, split="deck", seed=0, progress=False)
     deck1, _ = prepare(f"celeba:{root}", size=32, split="deck", seed=1, progress=False)
     assert deck0 != deck1  # default cache paths differ by seed
+
+
+@pytest.mark.parametrize("recipe", ["celeba64-deck-gaussian", "celeba64-deck-bernoulli"])
+def test_deck_recipe_trains_from_celeba_as_it_is(tmp_path, monkeypatch, recipe):
+    """`facevae train --config <deck recipe> --data celeba:PATH` prepares on first use and trains (one step here)."""
+    from facevae.cli import main
+
+    monkeypatch.setenv("FACEVAE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "CelebA"
+    cf.make_celeba(root, "kaggle", count=20)
+    config = Path(__file__).resolve().parent.parent / "configs" / f"{recipe}.toml"
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--data", f"celeba:{root}", "--out", str(out), "--quiet",
+                 "--set", "max_steps=1", "--set", "batch_size=8"]) == 0
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1
+    manifest = next((tmp_path / "cache").glob("celeba-*")).joinpath("manifest.json").read_text()
+    assert json.loads(manifest)["split"] == {"scheme": "deck", "seed": 0}

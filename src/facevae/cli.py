@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iw-samples", type=int, default=1, help="K importance samples for -log p(x) (default 1: ELBO)")
     s.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     s.add_argument("--batch-size", type=int, default=256, help="images decoded at once (default 256)")
-    s.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    s.add_argument("--device", help="auto, cpu or cuda (default: the run's config, as in training)")
+    s.add_argument("--fid-weights", metavar="FILE",
+                   help="Inception weights (inception-2015-12-05, torch-fidelity's .pth) for FID; needs facevae[fid]")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     s = sub.add_parser("sample", help="new faces from the prior, as a PNG grid")
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", help="data split (default test)")
     s.add_argument("-n", type=int, default=32, help="number of faces (default 32)")
     s.add_argument("--out", help="PNG file (default RUN_DIR/images/reconstruct.png)")
+
+    s = sub.add_parser("compare", help="evaluated runs side by side: a Markdown table and their reconstructions")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs evaluated with `facevae evaluate`")
+    s.add_argument("--split", default="test", help="data split of the pictured images (default test)")
+    s.add_argument("-n", type=int, default=8, help="images in the picture (default 8)")
+    s.add_argument("--out", default="compare.png", help="PNG file (default compare.png)")
 
     s = sub.add_parser("summary", help="the network's layers, output shapes and parameter counts")
     s.add_argument("run_dir", nargs="?", help="a run directory (else the config's network)")
@@ -80,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(__version__)
             return 0
         if not args.command:
-            raise UserError("name a command: prepare, train, evaluate, sample, reconstruct or summary "
+            raise UserError("name a command: prepare, train, evaluate, sample, reconstruct, compare or summary "
                             "(see `facevae --help`)")
         return COMMANDS[args.command](args) or 0
     except UserError as e:
@@ -136,7 +144,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from facevae.evaluate import evaluate_run, format_report
 
     report = evaluate_run(args.run_dir, split=args.split, iw_samples=args.iw_samples, limit=args.limit,
-                          batch_size=args.batch_size, device=args.device)
+                          batch_size=args.batch_size, device=args.device, fid_weights=args.fid_weights)
     print(format_report(report), file=sys.stderr)
     if args.json:
         _print_json(report)
@@ -159,6 +167,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from facevae.compare import compare_runs
+
+    table, path = compare_runs(args.run_dirs, out=args.out, n=args.n, split=args.split)
+    print(table, end="")
+    print(f"wrote real faces (top row) and each run's reconstructions (one row per run) to {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from facevae.config import Config
     from facevae.model import network_summary
@@ -174,4 +191,4 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "reconstruct": cmd_reconstruct, "summary": cmd_summary}
+            "reconstruct": cmd_reconstruct, "compare": cmd_compare, "summary": cmd_summary}

@@ -82,7 +82,14 @@ def batches_per_epoch(n: int, global_batch: int, world_size: int = 1) -> int:
 def load_data(config: Config, *, progress: bool = True) -> tuple[SplitView, SplitView]:
     """(train, test) views of the configured data's uint8 images (N, C, H, W), prepared on first use."""
     train = open_split_view(config, "train", progress=progress)
-    test = open_split_view(config, "test", progress=False)
+    for name in ("test", "valid"):  # the held-out split of the per-epoch test pass; none is allowed
+        try:
+            test = open_split_view(config, name, progress=False)
+            break
+        except UserError:
+            test = SplitView(train.images, train.index[:0])
+    if len(test) == 0:
+        _say("the data has no test or valid split: no test pass each epoch")
     if len(train) < 2:
         raise UserError(f"the data's train split has {len(train)} image(s); training needs at least 2")
     return train, test

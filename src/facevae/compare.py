@@ -1,0 +1,173 @@
+"""Runs side by side: their eval.json figures in one Markdown table, their reconstructions in one PNG.
+
+The picture is the deck's "Gaussian vs Bernoulli" slide for any number of runs: the same real images in the top
+row, each run's posterior-mean reconstructions of them in a row below, labelled on the left.
+Runs must have been evaluated first (`facevae evaluate RUN_DIR`): compare reads eval.json and never evaluates
+itself, so every figure comes with the settings it was computed under.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from facevae.errors import UserError
+from facevae.images import grid, save_png
+
+if TYPE_CHECKING:
+    from facevae.model import VAE
+
+EVAL_FILE = "eval.json"
+PICTURE_KEYS = ("data", "image_size", "channels", "crop", "split")  # config keys the runs' pictures must share
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _nll(r: dict[str, Any]) -> str:
+    stderr = r.get("nll_iw_stderr")
+    pm = f" ± {stderr:.2f}" if stderr is not None else ""
+    return f"{r['nll_iw_nats']:.2f}{pm} (K={r['iw_samples']})"
+
+
+# (row label in Markdown, formatter of one report); "\|" is a literal bar inside a Markdown table cell.
+ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("likelihood", lambda r: r["likelihood"]),
+    ("ELBO, nats/image (higher is better)", lambda r: f"{r['elbo_nats']:.2f}"),
+    ("reconstruction E_q[log p(x\\|z)], nats/image", lambda r: f"{r['recon_nats']:.2f}"),
+    ("KL(q(z\\|x) ‖ p(z)), nats/image", lambda r: f"{r['kl_nats']:.2f}"),
+    ("-log p(x) importance-weighted, nats/image (lower is better)", _nll),
+    ("-ELBO, bits/dim (lower is better)", lambda r: _fmt(r.get("elbo_bpd"), ".4f")),
+    ("-log p(x), bits/dim (lower is better)", lambda r: _fmt(r.get("nll_iw_bpd"), ".4f")),
+    ("training objective -recon + β KL, nats/image", lambda r: f"{r['loss_nats']:.2f} (β={r['kl_weight']:g})"
+     if "loss_nats" in r else "n/a"),
+    ("PSNR, dB (higher is better)", lambda r: f"{r['psnr_db']:.2f}"),
+    ("SSIM (higher is better)", lambda r: f"{r['ssim']:.4f}"),
+    ("MSE, pixels in [0, 1] (lower is better)", lambda r: f"{r['mse']:.5f}"),
+    ("active units", lambda r: f"{r['active_units']} / {r['latent_dim']}"),
+]
+FID_ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("FID reconstructions (lower is better)", lambda r: f"{r['fid_recon']:.2f}" if "fid_recon" in r else "n/a"),
+    ("FID prior samples (lower is better)", lambda r: f"{r['fid_samples']:.2f}" if "fid_samples" in r else "n/a"),
+    ("FID images", lambda r: str(r["fid_images"]) if "fid_images" in r else "n/a"),
+]
+DATA_ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("evaluated on", lambda r: f"{r.get('images', '?')} images of '{r.get('split', '?')}'"),
+]
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Short names for the runs: the directory names, or the paths as given where two names collide."""
+    names = [Path(d).name or str(d) for d in run_dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+
+
+def load_eval(run_dir: str | Path) -> dict[str, Any]:
+    """A run's eval.json; a UserError telling to run `facevae evaluate` when it is missing or unreadable."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    path = run_dir / EVAL_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no {EVAL_FILE}; run `facevae evaluate {run_dir}` first")
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is unreadable ({e}); run `facevae evaluate {run_dir}` again") from None
+    missing = [k for k in ("elbo_nats", "nll_iw_nats", "psnr_db", "likelihood")
+               if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise UserError(f"{path} is not a facevae evaluation report (missing {missing}); "
+                        f"run `facevae evaluate {run_dir}` again")
+    return report
+
+
+def markdown_table(labels: list[str], reports: list[dict[str, Any]], *, stale: Sequence[str] = ()) -> str:
+    """The runs' reports side by side: one column per run, one row per figure, units and direction in the rows.
+
+    `stale` names runs whose model is newer than their eval.json; notes below the table say so, and flag what
+    makes figures incomparable.
+    """
+    rows = list(ROWS)
+    if any("fid_recon" in r for r in reports):
+        rows += FID_ROWS
+    rows += DATA_ROWS
+    esc = [label.replace("|", "\\|") for label in labels]
+    lines = ["| | " + " | ".join(esc) + " |", "|---|" + "---:|" * len(labels)]
+    for name, cell in rows:
+        lines.append(f"| {name} | " + " | ".join(str(cell(r)).replace("|", "\\|") for r in reports) + " |")
+    notes = []
+    if stale:
+        notes.append(f"{', '.join(stale)}: the model is newer than eval.json; run `facevae evaluate` again")
+    unnormalised = [lab for lab, r in zip(labels, reports) if r.get("elbo_bpd") is None]
+    if unnormalised:
+        notes.append(f"{', '.join(unnormalised)}: the likelihood is not a normalised density of [0, 1] pixels, so "
+                     f"its ELBO is a training objective, not a bound on log p(x); its nats do not compare with the "
+                     f"other runs' (no bits/dim)")
+    settings = {(r.get("split"), r.get("images"), (r.get("data") or {}).get("manifest_sha256")) for r in reports}
+    if len(settings) > 1:
+        notes.append("the runs were evaluated on different data (split, number of images or data cache): "
+                     "their figures are not directly comparable")
+    if len({r.get("iw_samples") for r in reports}) > 1:
+        notes.append("the runs used different K for -log p(x): a larger K gives a tighter (lower) estimate")
+    return "\n".join(lines + [""] + [f"Note: {n}." for n in notes]).rstrip() + "\n"
+
+
+def comparison_rows(vaes: list["VAE"], real: torch.Tensor) -> torch.Tensor:
+    """The real uint8 images (n, C, H, W) and each model's reconstructions: ((1 + R) * n, C, H, W) in [0, 1]."""
+    x = real.float() / 255
+    return torch.cat([x] + [vae.reconstruct(x).cpu() for vae in vaes])
+
+
+def labelled_grid(rows: torch.Tensor, labels: list[str], *, columns: int) -> Image.Image:
+    """A grid of `len(labels)` rows of `columns` images, each row labelled on its left."""
+    picture = grid(rows, columns=columns)
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(picture)
+    margin = 8 + max(int(probe.textlength(label, font=font)) for label in labels)
+    canvas = Image.new(picture.mode, (picture.width + margin, picture.height), 255 if picture.mode == "L" else
+                       (255, 255, 255))
+    canvas.paste(picture, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = picture.height / len(labels)
+    black = 0 if picture.mode == "L" else (0, 0, 0)
+    for i, label in enumerate(labels):
+        _, top, _, bottom = draw.textbbox((0, 0), label, font=font)
+        draw.text((4, int((i + 0.5) * row_height - (bottom - top) / 2 - top)), label, fill=black, font=font)
+    return canvas
+
+
+def compare_runs(run_dirs: list[str | Path], *, out: str | Path = "compare.png", n: int = 8,
+                 split: str = "test") -> tuple[str, Path]:
+    """The runs' eval.json side by side as Markdown, and a PNG of the first n images of `split` above each run's
+    reconstructions of them; return (table, png path). Runs must share data, image size and channels."""
+    from facevae.checkpoint import MODEL_FILE, load_run
+    from facevae.data import open_split
+
+    if not run_dirs:
+        raise UserError("name at least one run directory")
+    if n < 1:
+        raise UserError(f"-n must be at least 1, got {n}")
+    run_dirs = [Path(d) for d in run_dirs]
+    reports = [load_eval(d) for d in run_dirs]
+    vaes = [load_run(d) for d in run_dirs]
+    labels = run_labels(run_dirs)
+    stale = [lab for lab, d in zip(labels, run_dirs)
+             if (d / MODEL_FILE).stat().st_mtime > (d / EVAL_FILE).stat().st_mtime]
+    table = markdown_table(labels, reports, stale=stale)
+    shapes = {tuple(getattr(v.config, k) for k in PICTURE_KEYS) for v in vaes}
+    if len(shapes) > 1:
+        described = "; ".join(f"{lab}: {v.config.image_size}x{v.config.image_size}x{v.config.channels} of "
+                              f"{v.config.data}" for lab, v in zip(labels, vaes))
+        raise UserError(f"the runs were trained on different data, image size or channels ({described}); "
+                        f"compare pictures only of runs on the same data")
+    real = open_split(vaes[0].config, split).images[:n]  # (n, C, H, W) uint8
+    if len(real) == 0:
+        raise UserError(f"the '{split}' split has no images")
+    picture = labelled_grid(comparison_rows(vaes, real), ["real"] + labels, columns=len(real))
+    return table, save_png(picture, out)
