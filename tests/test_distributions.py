@@ -147,3 +147,32 @@ def test_discretized_logistic_bin_probability_matches_cdf():
     expected = (dist.cdf(x + 0.5 / 255) - dist.cdf(x - 0.5 / 255)).log()
     lik = DiscretizedLogistic(mu.view(1, 1, 1, 1), s.log().view(1, 1, 1, 1))
     assert lik.log_prob(x.view(1, 1, 1, 1)).item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_optimal_sigma_gradient_is_finite_at_an_exact_fit():
+    x = torch.rand(3, 1, 4, 4)
+    for mode in ("batch", "image"):
+        mu = x.clone().requires_grad_()
+        Gaussian(mu, optimal=mode).log_prob(x).sum().backward()
+        assert torch.isfinite(mu.grad).all()
+
+
+def test_discretized_logistic_is_accurate_at_large_scales():
+    """At scale 1e5 a bin holds (1/255) / (4 * 1e5) of the mass near the mode; its log-gradient in log s is -1."""
+    log_s = torch.tensor(math.log(1e5)).view(1, 1, 1, 1).requires_grad_()
+    lik = DiscretizedLogistic(torch.full((1, 1, 1, 1), 0.5), log_s)
+    lp = lik.log_prob(torch.full((1, 1, 1, 1), 100 / 255))
+    lp.sum().backward()
+    assert lp.item() == pytest.approx(math.log(1 / 255 / 4e5), abs=1e-3)
+    assert log_s.grad.item() == pytest.approx(-1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("eta", [-80.0, 80.0])
+def test_continuous_bernoulli_extreme_samples_and_mean_gradient(eta):
+    logits = torch.full((1, 1, 300, 300), eta, requires_grad=True)
+    lik = ContinuousBernoulli(logits)
+    lik.mean.sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    # closed form (torch.distributions clamps the probability at its float epsilon, which shifts its mean here)
+    true_mean = 1 / (1 - math.exp(-eta)) - 1 / eta
+    assert lik.sample().double().mean().item() == pytest.approx(true_mean, abs=2e-3)

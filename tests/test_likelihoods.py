@@ -80,3 +80,27 @@ def test_discretized_logistic_bpd_has_no_dequantisation_term(tmp_path):
     vae = load_run(tmp_path / "run")
     report = evaluate(vae, open_dataset("lfw", split="test", size=32).images)
     assert report["elbo_bpd"] == pytest.approx(-report["elbo_nats"] / (report["dims"] * math.log(2)))
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian_optimal", "gaussian_optimal_per_image"])
+def test_optimal_sigma_scores_with_a_fixed_running_sigma_in_eval_mode(likelihood):
+    """Training uses the batch's optimum; evaluation a fixed running estimate, so an image's score is its own."""
+    from facevae.model import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(tiny_config(likelihood=likelihood))
+    x = torch.rand(6, 1, 32, 32)
+    rmse_logs = []
+    for _ in range(5):
+        terms = vae(x)
+        rmse_logs.append(0.5 * torch.log(((terms.x_mean - x) ** 2).mean()).item())
+    assert vae.running_count.item() == 5
+    assert vae.running_log_sigma.item() == pytest.approx(sum(rmse_logs) / 5, abs=1e-5)  # mean of the first batches
+    vae.eval()
+    z = torch.randn(6, 4)
+    alone = torch.cat([vae.decode(z[i:i + 1]).log_prob(x[i:i + 1]) for i in range(6)])
+    together = vae.decode(z).log_prob(x)
+    assert torch.allclose(alone, together, rtol=1e-5)  # no dependence on the other images of the batch
+    sigma = vae.running_log_sigma.exp().item()
+    expected = torch.distributions.Normal(vae.decode(z).mean, sigma).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(together, expected, rtol=1e-4)

@@ -14,9 +14,13 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2 * math.pi)
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _sum_per_item(t: torch.Tensor) -> torch.Tensor:
     """Sum every dimension but the first: (B, ...) -> (B,), in float32 at least."""
-    return t.float().flatten(1).sum(1)
+    return _at_least_float32(t).flatten(1).sum(1)
 
 
 class DiagonalGaussian:
@@ -56,7 +60,8 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 class Likelihood:
     """p(x|z) for a batch of images. Subclasses set `support`, which decides how bits/dim are reported:
 
-    - "continuous": a normalised density on [0, 1] (or on the real line): -log P(8-bit x) <= -log p(x) + D ln 256;
+    - "continuous": a normalised density on [0, 1] (or on the real line): -log P(8-bit x) ~ -log p(x) + D ln 256
+      (uniform dequantisation; exact as a bound for the dequantised expectation);
     - "discrete": a probability mass over the 256 levels of 8-bit data: -log P(x) directly;
     - "none": not a normalised density of [0, 1] data (Bernoulli on grey levels): no bits/dim.
     """
@@ -94,12 +99,13 @@ class Gaussian(Likelihood):
         """log sigma* = log sqrt(mean squared error), over the batch or per image; clamped at log(min_sigma)."""
         sq = (x.float() - self.mu.float()) ** 2
         mse = sq.mean() if self.optimal == "batch" else sq.flatten(1).mean(1).view(-1, 1, 1, 1)
-        return (0.5 * torch.log(mse)).clamp(min=self.min_log_sigma)
+        # clamp before the log: log(0) at an exact fit would give 0 * inf = NaN gradients through a clamp after it
+        return 0.5 * torch.log(mse.clamp(min=math.exp(2 * self.min_log_sigma)))
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        log_sigma = self.optimal_log_sigma(x) if self.optimal else self.log_sigma
-        z = (x.float() - self.mu.float()) * torch.exp(-log_sigma)
-        return _sum_per_item(-0.5 * z**2 - log_sigma - 0.5 * LOG_2PI + torch.zeros_like(x, dtype=torch.float32))
+        log_sigma = (self.optimal_log_sigma(x) if self.optimal else self.log_sigma).float().reshape(-1)  # (1,) or (B,)
+        sse = (x.float() - self.mu.float()).square_().flatten(1).sum(1)  # (B,)
+        return -0.5 * sse * torch.exp(-2 * log_sigma) - x[0].numel() * (log_sigma + 0.5 * LOG_2PI)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -163,16 +169,19 @@ class ContinuousBernoulli(Likelihood):
         eta = self.logits.float()
         near = eta.abs() < self.TAYLOR_BELOW
         safe = torch.where(near, torch.full_like(eta, self.TAYLOR_BELOW), eta)
-        exact = -1 / torch.expm1(-safe) - 1 / safe
+        exact = 0.5 + 0.5 / torch.tanh(safe / 2) - 1 / safe  # = 1 / (1 - exp(-eta)) - 1 / eta, finite gradients
         return torch.where(near, 0.5 + eta / 12, exact)
 
     def sample(self) -> torch.Tensor:
-        """Inverse-CDF sample: x = log1p(u * expm1(eta)) / eta."""
-        eta = self.logits.float().clamp(-50, 50)  # keeps expm1 finite in float32; the density is then all at an end
+        """Inverse-CDF sample, in a form stable for every eta: log1p(u expm1(eta)) / eta for eta < 0, and
+        1 + log1p((1 - u) expm1(-eta)) / eta for eta > 0 (the same value; expm1 of a negative number never overflows)."""
+        eta = self.logits.float()
         u = torch.rand_like(eta)
-        near = eta.abs() < self.TAYLOR_BELOW
-        safe = torch.where(near, torch.full_like(eta, self.TAYLOR_BELOW), eta)
-        x = torch.log1p(u * torch.expm1(safe)) / safe
+        near = eta.abs() < 1e-6  # there the density is uniform to within 1e-6
+        safe = torch.where(near, torch.ones_like(eta), eta)
+        neg = torch.log1p(u * torch.expm1(-safe.abs())) / -safe.abs()
+        pos = 1 + torch.log1p((1 - u) * torch.expm1(-safe.abs())) / safe.abs()
+        x = torch.where(safe < 0, neg, pos)
         return torch.where(near, u, x).clamp(0, 1)
 
 
@@ -197,13 +206,8 @@ class DiscretizedLogistic(Likelihood):
         minus = (x - self.mu - self.HALF_BIN) * inv_s
         log_cdf_plus = -F.softplus(-plus)  # log sigmoid(plus): the mass below the top edge (bin 0)
         log_one_minus_cdf_minus = -F.softplus(minus)  # log (1 - sigmoid(minus)): the mass above the bottom edge (bin 255)
-        # log(sigmoid(plus) - sigmoid(minus)) computed as log sigmoid(plus) + log(1 - exp(log sigmoid(minus) - log sigmoid(plus)))
-        log_cdf_minus = -F.softplus(-minus)
-        log_mid = log_cdf_plus + torch.log(-torch.expm1((log_cdf_minus - log_cdf_plus).clamp(max=-1e-12)))
-        # Where the bin is far in the upper tail, the same difference is better taken with the upper tails:
-        log_mid_upper = log_one_minus_cdf_minus + torch.log(
-            -torch.expm1((-F.softplus(plus) - log_one_minus_cdf_minus).clamp(max=-1e-12)))
-        log_mid = torch.where(minus > 0, log_mid_upper, log_mid)
+        # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(-(a - b))): exact, and accurate at every scale
+        log_mid = log_cdf_plus + log_one_minus_cdf_minus + torch.log(-torch.expm1(-2 * self.HALF_BIN * inv_s))
         lp = torch.where(x < self.HALF_BIN, log_cdf_plus, torch.where(x > 1 - self.HALF_BIN, log_one_minus_cdf_minus, log_mid))
         return _sum_per_item(lp)
 

@@ -75,6 +75,9 @@ class Decoder(nn.Module):
         return self.to_params(self.features(h))
 
 
+OPTIMAL_SIGMA = {"gaussian_optimal": "batch", "gaussian_optimal_per_image": "image"}
+
+
 def params_per_channel(likelihood: str) -> int:
     """How many decoder outputs each image channel needs for this likelihood."""
     return 2 if likelihood == "discretized_logistic" else 1
@@ -92,6 +95,12 @@ class VAE(nn.Module):
         if c.likelihood == "gaussian_learned":
             # One log-sigma shared by every pixel, learned with the network; starts at log(0.1) pixel units.
             self.log_sigma = nn.Parameter(torch.tensor(math.log(0.1)))
+        if c.likelihood in OPTIMAL_SIGMA:
+            # Training scores each batch with its own optimal sigma; a sigma computed from the x being scored would
+            # not make p(x|z) a density of x, so evaluation (eval mode) uses this running estimate of it instead, as
+            # BatchNorm does with its statistics: a fixed sigma, a normalised density, per-image numbers.
+            self.register_buffer("running_log_sigma", torch.tensor(0.0))
+            self.register_buffer("running_count", torch.tensor(0, dtype=torch.long))
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: float (B, C, S, S) in [0, 1] -> q(z|x)."""
@@ -107,9 +116,10 @@ class VAE(nn.Module):
             return Gaussian(torch.sigmoid(h), math.log(c.sigma))
         if name == "gaussian_learned":
             return Gaussian(torch.sigmoid(h), self.log_sigma.clamp(min=math.log(c.min_sigma)))
-        if name in ("gaussian_optimal", "gaussian_optimal_per_image"):
-            return Gaussian(torch.sigmoid(h), optimal="batch" if name == "gaussian_optimal" else "image",
-                            min_sigma=c.min_sigma)
+        if name in OPTIMAL_SIGMA:
+            if not self.training:
+                return Gaussian(torch.sigmoid(h), self.running_log_sigma.clamp(min=math.log(c.min_sigma)))
+            return Gaussian(torch.sigmoid(h), optimal=OPTIMAL_SIGMA[name], min_sigma=c.min_sigma)
         if name == "bernoulli":
             return Bernoulli(h)
         if name == "continuous_bernoulli":
@@ -126,7 +136,17 @@ class VAE(nn.Module):
         """
         posterior = self.encode(x)
         likelihood = self.decode(posterior.sample() if eps is None else posterior.mean + posterior.std * eps)
+        if self.training and self.config.likelihood in OPTIMAL_SIGMA:
+            self._track_sigma(likelihood.mean, x)
         return objectives.elbo(posterior, likelihood, x, kl_weight=self.config.kl_weight if kl_weight is None else kl_weight)
+
+    @torch.no_grad()
+    def _track_sigma(self, mean: torch.Tensor, x: torch.Tensor) -> None:
+        """Running average of the batch's optimal log sigma (the mean of the first 100 batches, then momentum 0.01)."""
+        batch = 0.5 * torch.log(((x.float() - mean.float()) ** 2).mean().clamp(min=1e-12))
+        weight = torch.clamp(1.0 / (self.running_count.float() + 1), min=0.01)
+        self.running_log_sigma.lerp_(batch, weight)
+        self.running_count += 1
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
