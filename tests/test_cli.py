@@ -161,3 +161,20 @@ def test_user_error_has_no_traceback_in_a_real_process():
     proc = facevae("train", "--set", "latent_dim=0", check=False)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["prepare", "--size", "0"], ["prepare", "--crop", "-3", "--data", "celeba:/x"]])
+def test_prepare_bad_sizes_are_one_line(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "must be positive" in err
+
+
+def test_the_deck_split_does_not_move_with_the_training_seed(tmp_path):
+    from facevae.config import Config
+    from facevae.data import default_cache_path
+
+    base = Config(data="celeba:/data/celeba", split="deck")
+    paths = {default_cache_path(c.data, size=c.image_size, crop=c.crop, split=c.split, seed=c.split_seed)
+             for c in (base, base.updated({"seed": 7}))}
+    assert len(paths) == 1  # the training seed leaves the split (and its cache) alone

@@ -188,7 +188,8 @@ class _Exploit:
 def _tiny(**extra):
     from conftest import tiny_config
 
-    return tiny_config(batch_size=8, epochs=2, log_every=1, checkpoint_every=2, image_every=2, **extra)
+    return tiny_config(**{"batch_size": 8, "epochs": 2, "log_every": 1, "checkpoint_every": 2, "image_every": 2,
+                          **extra})
 
 
 def test_non_finite_loss_skips_the_batch(tmp_path, monkeypatch):
@@ -204,10 +205,18 @@ def test_non_finite_loss_skips_the_batch(tmp_path, monkeypatch):
 
     monkeypatch.setattr(VAE, "forward", sometimes_nan)
     record = train(_tiny(), tmp_path / "run", progress=False)
-    assert record["skipped_steps"] == 3 and record["step"] == 20 - 3
+    assert record["skipped_steps"] == 3 and record["step"] == 20  # 20 batches, 17 updates
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["batch"] for r in lines if r["kind"] == "skipped"] == [2, 6, 7]
+    skipped = [r["skipped_steps"] for r in lines if r["kind"] == "step"]  # logged after every step here
+    assert skipped[:9] == [0, 0, 1, 1, 1, 1, 2, 3, 3]
     assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "run").values())
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["optimizer"]["param_groups"] and _adam_steps(tmp_path / "run") == 17  # skipped: no optimiser step
+
+
+def _adam_steps(run: Path) -> int:
+    tensors = load_file(str(run / "checkpoint" / "optimizer.safetensors"))
+    return int(tensors["optim.0.step"].item())
 
 
 def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -224,7 +233,9 @@ def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, 
     monkeypatch.setattr(VAE, "forward", nan_from_the_fifth)
     with pytest.raises(UserError, match="not finite for 3 steps in a row"):
         train(_tiny(max_bad_steps=3), tmp_path / "run", progress=False)
-    assert _step(tmp_path / "run") == 4  # the checkpoint of step 4 is kept
+    # The last checkpoint (batch 6) holds the weights of the 4 good steps: skipped batches change nothing.
+    assert _step(tmp_path / "run") == 6 and _adam_steps(tmp_path / "run") == 4
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors")).values())
     monkeypatch.setattr(VAE, "forward", original)
     record = train(_tiny(max_bad_steps=3), tmp_path / "run", progress=False)  # and resumes once the fault is gone
     assert record["epoch"] == 2
@@ -283,3 +294,53 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((two / "checkpoint" / "state.json").read_text())["step"] == 5 + 10  # one process, batch 8: 10 steps
+
+
+def test_training_steps_do_not_read_the_device(tmp_path, monkeypatch):
+    """No host sync inside the step: an epoch of 10 steps reads tensors as often as an epoch of 5 (reads happen at
+    logging, checkpoints and epoch end only)."""
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def reads_for(batch_size: int) -> int:
+        reads["n"] = 0
+        out = tmp_path / f"b{batch_size}"
+        train(_tiny(batch_size=batch_size, epochs=1, log_every=1000, checkpoint_every=0), out, progress=False)
+        return reads["n"]
+
+    assert reads_for(16) == reads_for(8)  # 5 steps against 10
+
+
+def test_a_non_finite_input_leaves_no_trace_in_batchnorm(tmp_path, monkeypatch):
+    """An inf pixel makes the whole forward pass non-finite: the batch is skipped, and BatchNorm's running
+    statistics (updated by that forward pass) are restored, so the model still evaluates to finite numbers."""
+    original = VAE.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            x = x.clone()
+            x[0, 0, 0, 0] = float("inf")
+        return original(self, x, **kw)
+
+    monkeypatch.setattr(VAE, "forward", poisoned)
+    record = train(_tiny(epochs=1), tmp_path / "run", progress=False)
+    assert record["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in _weights(tmp_path / "run").values())  # running_mean/var included
+    assert torch.isfinite(torch.tensor(record["test_elbo_nats"]))
+
+
+def test_max_steps_leaves_a_usable_model(tmp_path):
+    from facevae.checkpoint import load_run
+
+    record = train(_tiny(max_steps=3), tmp_path / "run", progress=False)
+    assert record["step"] == 3
+    assert load_run(tmp_path / "run").config.max_steps == 3

@@ -142,8 +142,19 @@ def load_checkpoint(run_dir: Path, vae: VAE, optimizer: torch.optim.Optimizer) -
     load_state_into(vae, tensors["model.safetensors"], ckpt / "model.safetensors")
     flat = tensors["optimizer.safetensors"]
     optimizer.load_state_dict(_optimizer_from_flat(flat, meta["optimizer"]))
+    _match_parameter_layout(optimizer)
     _set_rng_state(flat, meta["rng"])
     return meta
+
+
+def _match_parameter_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give each moment buffer its parameter's memory layout (e.g. channels_last): safetensors stores tensors
+    contiguous, and fused Adam walks parameter and moments as raw memory, so the layouts must agree."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def _cpu_state(vae: VAE) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,12 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
 
     s = sub.add_parser("prepare", help="decode and resize a data source once into a uint8 cache")
-    s.add_argument("--data", default="lfw", help="lfw, celeba:PATH, folder:PATH (default: lfw)")
+    s.add_argument("--data", default="lfw", help="lfw, celeba:PATH, folder:PATH or a prepared cache (default: lfw)")
     s.add_argument("--size", type=int, default=64, help="image side after resizing (default 64)")
     s.add_argument("--crop", type=int, default=148, help="CelebA center crop before resizing (default 148)")
     s.add_argument("--split", choices=("official", "deck"), default="official",
                    help="CelebA split: official train/valid/test or the deck's 70/30 (default official)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the deck split (default 0)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the deck split (the config key split_seed; default 0)")
     s.add_argument("--out", help="cache directory (default: under $FACEVAE_CACHE or ~/.cache/facevae)")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -135,8 +136,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.append(f"epochs={args.epochs}")
     config = resolve_run_config(out, base, overrides)
     train(config, out, progress=not args.quiet)
-    print(f"done: model in {out / 'model.safetensors'}, pictures in {out / 'images'}, metrics in "
-          f"{out / 'metrics.jsonl'}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        print(f"done: model in {out / 'model.safetensors'}, pictures in {out / 'images'}, metrics in "
+              f"{out / 'metrics.jsonl'}", file=sys.stderr)
     return 0
 
 
@@ -163,7 +165,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from facevae.images import reconstruct_run
 
     path = reconstruct_run(args.run_dir, split=args.split, n=args.n, out=args.out)
-    print(f"wrote real (upper rows) and reconstructed (lower rows) faces to {path}", file=sys.stderr)
+    print(f"wrote real faces, each row followed by the row of their reconstructions, to {path}", file=sys.stderr)
     return 0
 
 

@@ -147,7 +147,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path = "compare.png",
     """The runs' eval.json side by side as Markdown, and a PNG of the first n images of `split` above each run's
     reconstructions of them; return (table, png path). Runs must share data, image size and channels."""
     from facevae.checkpoint import MODEL_FILE, load_run
-    from facevae.data import open_split
+    from facevae.data import open_split_view
 
     if not run_dirs:
         raise UserError("name at least one run directory")
@@ -166,7 +166,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path = "compare.png",
                               f"{v.config.data}" for lab, v in zip(labels, vaes))
         raise UserError(f"the runs were trained on different data, image size or channels ({described}); "
                         f"compare pictures only of runs on the same data")
-    real = open_split(vaes[0].config, split).images[:n]  # (n, C, H, W) uint8
+    real = open_split_view(vaes[0].config, split)[:n]  # (n, C, H, W) uint8, only these n read
     if len(real) == 0:
         raise UserError(f"the '{split}' split has no images")
     picture = labelled_grid(comparison_rows(vaes, real), ["real"] + labels, columns=len(real))

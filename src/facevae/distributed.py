@@ -46,6 +46,21 @@ class World:
             dist.all_reduce(t)
         return t
 
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise minimum over ranks (in place; returned)."""
+        if self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank if `flag` is True on any (a signal may reach the ranks at different steps). A single
+        process answers without touching the device; several exchange one number (a host sync)."""
+        if self.size == 1:
+            return flag
+        t = torch.tensor(float(flag), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()

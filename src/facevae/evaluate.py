@@ -146,8 +146,9 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", iw_samples: int = 
     """
     from facevae import __version__
     from facevae import fid
-    from facevae.checkpoint import atomic_write, load_run
-    from facevae.data import open_split
+    from facevae.checkpoint import load_run
+    from facevae.fileio import atomic_write
+    from facevae.data import checked_cache, split_view
 
     if iw_samples < 1:
         raise UserError(f"--iw-samples must be at least 1, got {iw_samples}")
@@ -161,10 +162,11 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", iw_samples: int = 
     vae = vae.to(dev)
     if config.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
-    data = open_split(vae.config, split)
-    if limit is not None and not 1 <= limit <= len(data):
-        raise UserError(f"--limit {limit} is outside 1..{len(data)} (the '{split}' split has {len(data)} images)")
-    images = data.images[:limit] if limit else data.images
+    cache = checked_cache(vae.config)
+    images = split_view(cache, split)  # read through the memory-mapped cache, never copied whole
+    if limit is not None and not 1 <= limit <= len(images):
+        raise UserError(f"--limit {limit} is outside 1..{len(images)} (the '{split}' split has {len(images)} images)")
+    images = images.head(limit) if limit else images
     if len(images) == 0:
         raise UserError(f"the '{split}' split has no images")
     precision = resolve_precision(config.precision, dev)
@@ -185,9 +187,9 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", iw_samples: int = 
     report.update({
         "split": split,
         "facevae_version": __version__,
-        "data": {"spec": vae.config.data, "source": data.manifest.get("source"), "size": data.manifest.get("size"),
-                 "crop": data.manifest.get("crop"), "split_scheme": data.manifest.get("split"),
-                 "manifest_sha256": hashlib.sha256(json.dumps(data.manifest, sort_keys=True).encode()).hexdigest()},
+        "data": {"spec": vae.config.data, "source": cache.manifest.get("source"), "size": cache.manifest.get("size"),
+                 "crop": cache.manifest.get("crop"), "split_scheme": cache.manifest.get("split"),
+                 "manifest_sha256": hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()},
         "settings": {"iw_samples": iw_samples, "limit": limit, "batch_size": batch_size, "device": str(dev),
                      "precision": precision, "channels_last": config.channels_last, "seed": seed,
                      "fid_weights": str(Path(fid_weights).resolve()) if fid_weights else None},

@@ -73,12 +73,12 @@ def sample_run(run_dir: str | Path, *, n: int = 64, seed: int = 0, out: str | Pa
 def reconstruct_run(run_dir: str | Path, *, split: str = "test", n: int = 32, out: str | Path | None = None) -> Path:
     """The first n images of a split (upper rows) above their reconstructions (lower rows) as a PNG grid."""
     from facevae.checkpoint import load_run
-    from facevae.data import open_split
+    from facevae.data import open_split_view
     from facevae.errors import UserError
 
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")
     vae = load_run(run_dir)
-    real = open_split(vae.config, split).images[:n]
+    real = open_split_view(vae.config, split)[:n]  # only these n images are read
     rec = vae.reconstruct(real.float() / 255)
     return save_png(grid(pairs(real, rec)), out or Path(run_dir) / "images" / "reconstruct.png")

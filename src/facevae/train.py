@@ -30,7 +30,7 @@ from tqdm import tqdm
 from facevae import checkpoint as ckpt
 from facevae import images as pictures
 from facevae.config import Config
-from facevae.data import SplitView, open_split_view
+from facevae.data import SplitView, checked_cache, split_view
 from facevae.device import autocast, resolve_device, resolve_precision, to_unit_float
 from facevae.distributed import World, sync_batchnorm
 from facevae.errors import Interrupted, UserError
@@ -80,19 +80,16 @@ def batches_per_epoch(n: int, global_batch: int, world_size: int = 1) -> int:
 
 
 def load_data(config: Config, *, progress: bool = True) -> tuple[SplitView, SplitView]:
-    """(train, test) views of the configured data's uint8 images (N, C, H, W), prepared on first use."""
-    train = open_split_view(config, "train", progress=progress)
-    for name in ("test", "valid"):  # the held-out split of the per-epoch test pass; none is allowed
-        try:
-            test = open_split_view(config, name, progress=False)
-            break
-        except UserError:
-            test = SplitView(train.images, train.index[:0])
-    if len(test) == 0:
-        _say("the data has no test or valid split: no test pass each epoch")
+    """(train, test) views of the configured data's uint8 images (N, C, H, W), prepared on first use; the test view
+    is the test split, else the valid split, else empty (no test pass)."""
+    cache = checked_cache(config, progress=progress)
+    train = split_view(cache, "train")
     if len(train) < 2:
         raise UserError(f"the data's train split has {len(train)} image(s); training needs at least 2")
-    return train, test
+    held_out = [n for n in ("test", "valid") if cache.manifest.get("splits", {}).get(n)]
+    if not held_out:
+        _say("the data has no test or valid split: no test pass each epoch")
+    return train, split_view(cache, held_out[0]) if held_out else SplitView(train.images, train.index[:0])
 
 
 class GracefulStop:
@@ -173,7 +170,11 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
             raise UserError(f"cannot write to run directory {run_dir}: {e.strerror or e}; "
                             f"choose a writable --out") from None
     seed_everything(config.seed)
+    if not world.is_main:
+        world.barrier()  # rank 0 prepares the data first; the others then open the finished cache
     train_images, test_images = load_data(config, progress=progress)
+    if world.is_main:
+        world.barrier()
     # uint8 on the device (4x smaller than float, converted per batch there); on the CPU the memory-mapped cache itself
     train_images = train_images.to(device)
 
@@ -182,13 +183,13 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
         vae = sync_batchnorm(vae, device)
     if config.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                 **({"fused": True} if device.type == "cuda" else {}))
+    optimizer = _adam(vae, config)
     # fp16 needs loss scaling against underflow; for float32 and bf16 the scaler is disabled and every call a no-op.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     global_batch = config.batch_size * world.size
-    state: dict[str, Any] = {"global_batch": global_batch, "step": 0, "epoch": 0, "batch": 0, "bad_steps": 0, "skipped": 0,
-                             "sums": [0.0] * len(TRAIN_TERMS), "count": 0, "seen": 0, "seconds": 0.0}
+    # step: batches processed (a skipped non-finite batch counts); count: good steps of this epoch, behind `sums`.
+    state: dict[str, Any] = {"global_batch": global_batch, "step": 0, "epoch": 0, "batch": 0, "bad_steps": 0,
+                             "skipped": 0, "sums": [0.0] * len(TRAIN_TERMS), "count": 0, "seen": 0, "seconds": 0.0}
     if ckpt.has_checkpoint(run_dir):
         saved = ckpt.load_checkpoint(run_dir, vae, optimizer)
         for group in optimizer.param_groups:  # a flag may have changed these for the rest of the run
@@ -206,6 +207,7 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
                "torch": torch.__version__, "threads": torch.get_num_threads()})
 
     model: torch.nn.Module = vae
+    buffers = list(vae.buffers())
     if world.size > 1:
         model = DistributedDataParallel(vae,
                                         device_ids=[device.index] if device.type == "cuda" else None)
@@ -238,7 +240,23 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
         for epoch in range(state["epoch"], config.epochs):
             model.train()
             order = epoch_order(n, seed=config.seed, epoch=epoch).to(device)
-            sums = torch.tensor(state["sums"], device=device)  # accumulated on the device; read when logged
+            # Everything a step measures stays on the device and is read at sync points (logging, checkpoints,
+            # epoch end): the training step itself never waits for the GPU.
+            sums = torch.tensor(state["sums"], device=device)
+            tally = torch.tensor([0.0, 0.0, float(state["bad_steps"])], device=device)  # good, bad, bad in a row
+
+            def sync() -> None:
+                """Read the device's tallies into `state`; stop when too many non-finite steps came in a row."""
+                good, bad, in_a_row = tally.tolist()
+                tally[:2] = 0
+                state.update(count=state["count"] + int(good), skipped=state["skipped"] + int(bad),
+                             bad_steps=int(in_a_row), sums=sums.tolist(), seconds=time.perf_counter() - t0)
+                if in_a_row >= config.max_bad_steps:
+                    raise UserError(
+                        f"the loss or its gradient was not finite for {int(in_a_row)} steps in a row (up to step "
+                        f"{state['step']}); lower learning_rate or check the data; the last good checkpoint is in "
+                        f"{run_dir}")
+
             t0 = time.perf_counter() - state["seconds"]
             bar = tqdm(total=nb, initial=state["batch"], desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
                        disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -255,49 +273,48 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
                 if flip is not None:
                     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
                 kl_weight = config.kl_weight * _warmup(state["step"], config.kl_warmup_steps)
+                buffers_before = [buf.clone() for buf in buffers]  # BatchNorm statistics etc.: a few KB
                 with autocast(device, precision), _compile_errors(config.compile):
                     terms = model(x, kl_weight=kl_weight, eps=eps)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(terms.loss).backward()
-                scaler.unscale_(optimizer)  # true gradients, for the finiteness check (fp16 only)
-                finite, stopping = _step_flags(terms.loss, vae, world, stop.requested is not None)
-                if not finite:
-                    # Skip the batch: no update, counted; too many in a row stops the run at its last checkpoint.
-                    scaler.update()  # fp16: lower the loss scale
-                    optimizer.zero_grad(set_to_none=True)
-                    state["bad_steps"] += 1
-                    state["skipped"] += 1
-                    log.write({"kind": "skipped", "step": state["step"], "epoch": epoch + 1, "batch": b,
-                               "reason": "non-finite loss or gradient"})
-                    if state["bad_steps"] >= config.max_bad_steps:
-                        raise UserError(
-                            f"the loss or its gradient was not finite for {state['bad_steps']} steps in a row (at "
-                            f"step {state['step']}); lower learning_rate or check the data; the last good "
-                            f"checkpoint is in {run_dir}")
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    state["bad_steps"] = 0
-                    state["step"] += 1
-                    state["count"] += 1
-                    state["seen"] += len(batch_idx)
-                    with torch.no_grad():
-                        sums += torch.stack([terms.loss, terms.elbo.mean(), terms.recon.mean(), terms.kl.mean(),
-                                             psnr(terms.x_mean, x).mean()]).float()
+                scaler.unscale_(optimizer)  # true gradients (fp16 only)
+                ok = _finite(terms.loss, vae, world)  # on the device: 1.0 when the loss and every gradient are finite
+                _step(optimizer, scaler, ok)  # a non-finite batch is skipped: no update, counted
+                with torch.no_grad():  # ... and leaves no trace in the buffers its forward pass updated
+                    for buf, old in zip(buffers, buffers_before):
+                        buf.copy_(torch.where(ok > 0, buf, old))
+                with torch.no_grad():
+                    values = torch.stack([terms.loss, terms.elbo.mean(), terms.recon.mean(), terms.kl.mean(),
+                                          psnr(terms.x_mean, x).mean()]).float()
+                    sums += torch.where(ok > 0, values, torch.zeros_like(values))
+                    tally[0] += ok
+                    tally[1] += 1 - ok
+                    tally[2] = (tally[2] + 1) * (1 - ok)  # resets to 0 on a good step
+                state["step"] += 1
+                state["seen"] += len(batch_idx)
                 state["batch"] = b + 1
                 bar.update(1)
-                if state["step"] % config.log_every == 0 and state["count"]:
-                    means = dict(zip(TRAIN_TERMS, (world.sum(sums.clone()) / world.size / state["count"]).tolist()))
+                # A single process stops at the step the signal arrives; several agree at their next log step (the
+                # agreement is a host sync, kept out of the other steps).
+                stopping = stop.requested is not None if world.size == 1 else False
+                if state["step"] % config.log_every == 0:
+                    sync()
+                    stopping = world.any(stop.requested is not None, device)
+                    means = dict(zip(TRAIN_TERMS, (world.sum(sums.clone()) / world.size / max(state["count"], 1)).tolist()))
                     rate = state["seen"] / (time.perf_counter() - t0)
                     log.write({"kind": "step", "step": state["step"], "epoch": epoch + 1,
                                **{f"train_{k}": v for k, v in means.items()}, "kl_weight": kl_weight,
-                               "lr": optimizer.param_groups[0]["lr"], "img_per_s": rate})
+                               "lr": optimizer.param_groups[0]["lr"], "skipped_steps": state["skipped"],
+                               "img_per_s": rate})
                     bar.set_postfix(loss=f"{means['loss']:.1f}", psnr=f"{means['psnr']:.2f}dB")
                 ckpt_now = config.checkpoint_every and state["step"] % config.checkpoint_every == 0
                 at_max = config.max_steps and state["step"] >= config.max_steps
                 if stopping or ckpt_now or at_max:
-                    state["sums"], state["seconds"] = sums.tolist(), time.perf_counter() - t0
+                    sync()
                     save_checkpoint()
+                if (stopping or at_max) and world.is_main:
+                    ckpt.save_model(vae, run_dir / ckpt.MODEL_FILE)  # the run directory's model is the latest
                 if stopping:
                     bar.close()
                     name = stop.requested or "a signal to another process"
@@ -309,6 +326,7 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
                     say(f"reached max_steps = {config.max_steps}; checkpoint saved in {run_dir}")
                     return {"kind": "max_steps", "step": state["step"], "epoch": epoch,
                             "img_per_s": state["seen"] / (time.perf_counter() - t0)}
+            sync()
             bar.close()
             elapsed = time.perf_counter() - t0
             means = dict(zip(TRAIN_TERMS, (world.sum(sums.clone()) / world.size / max(state["count"], 1)).tolist()))
@@ -338,14 +356,34 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
     return record
 
 
-def _step_flags(loss: torch.Tensor, vae: VAE, world: World, stop: bool) -> tuple[bool, bool]:
-    """(loss and every gradient finite on every rank, a stop was requested on some rank): one host sync per step."""
+def _adam(vae: VAE, config: Config) -> torch.optim.Optimizer:
+    """Adam, fused where this torch has it (CUDA; CPU from torch 2.4): one kernel, and skips without a host sync."""
+    params = list(vae.parameters())
+    try:
+        return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def _finite(loss: torch.Tensor, vae: VAE, world: World) -> torch.Tensor:
+    """1.0 (a device tensor) when the loss and every gradient are finite on every rank, else 0.0; no host sync."""
     grads = [p.grad for p in vae.parameters() if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) if grads \
-        else torch.zeros((), device=loss.device)
-    bad = (~torch.isfinite(loss.detach().float()) | ~torch.isfinite(norm)).float()
-    flags = world.sum(torch.stack([bad, torch.tensor(float(stop), device=bad.device)])).tolist()
-    return flags[0] == 0, flags[1] > 0
+    norms = torch.stack(torch._foreach_norm(grads)) if grads else loss.new_zeros(1)  # one kernel per dtype
+    ok = (torch.isfinite(loss.detach().float()) & torch.isfinite(norms).all()).float()
+    return world.min(ok)
+
+
+def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ok: torch.Tensor) -> None:
+    """The optimiser step, skipped on the device when `ok` is 0 (fused Adam's found_inf, or the fp16 scaler's)."""
+    if scaler.is_enabled():  # fp16: the scaler found the same non-finite gradients and skips the step itself
+        scaler.step(optimizer)
+        scaler.update()
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = 1 - ok  # fused Adam leaves parameters, moments and step count untouched when 1
+        optimizer.step()
+        del optimizer.found_inf
+    elif ok.item():  # unfused Adam (torch < 2.4 on a CPU): a host check, free there
+        optimizer.step()
 
 
 @contextlib.contextmanager

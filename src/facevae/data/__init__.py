@@ -78,6 +78,8 @@ def prepare(spec: str, *, size: int = 64, crop: int = 148, split: str = "officia
     if kind == "cache":
         cache = load_cache(path)
         return cache.path, cache.manifest
+    if size < 1 or crop < 1:
+        raise UserError(f"--size and --crop must be positive (got size {size}, crop {crop})")
     target = Path(out) if out else default_cache_path(spec, size=size, crop=crop, split=split, seed=seed)
     if is_cache(target):
         manifest = load_cache(target).manifest
@@ -85,8 +87,6 @@ def prepare(spec: str, *, size: int = 64, crop: int = 148, split: str = "officia
         if kind == "celeba":  # the split decides which images are test images: a cache of another split is not this one
             wanted.update(crop=crop, split={"scheme": split, "seed": seed} if split == "deck" else {"scheme": split})
         have = {k: manifest.get(k) for k in wanted}
-        if kind == "celeba" and split != "deck" and isinstance(have["split"], dict):
-            have["split"] = {"scheme": have["split"].get("scheme")}
         if have == wanted:
             return target, manifest
         raise UserError(f"{target} already holds a cache made with other settings ({have}, not {wanted}); "
@@ -107,18 +107,19 @@ def prepare(spec: str, *, size: int = 64, crop: int = 148, split: str = "officia
 
 
 def open_dataset(spec: str = "lfw", split: str = "test", *, size: int = 64, crop: int = 148,
-                 scheme: str = "official", progress: bool = True) -> ImageSet:
-    """The images of one split of a data source (prepared on first use) as uint8 (N, C, H, W)."""
-    path, _ = prepare(spec, size=size, crop=crop, split=scheme, progress=progress)
+                 scheme: str = "official", split_seed: int = 0, progress: bool = True) -> ImageSet:
+    """The images of one split of a data source (prepared on first use) as uint8 (N, C, H, W); `scheme` is how
+    CelebA is split (official or deck)."""
+    path, _ = prepare(spec, size=size, crop=crop, split=scheme, seed=split_seed, progress=progress)
     return image_set(load_cache(path), split)
 
 
 def image_set(cache: Cache, split: str) -> ImageSet:
     """One split of an opened cache, copied into memory as a torch tensor."""
-    index = cache.split_indices(split)
-    images = torch.from_numpy(np.ascontiguousarray(cache.images[index]))
+    view = split_view(cache, split)
+    index = view.index.numpy()
     attributes = torch.from_numpy(cache.attributes[index]) if cache.attributes is not None else None
-    return ImageSet(images, attributes, list(cache.manifest.get("attribute_names", [])), split, cache.manifest)
+    return ImageSet(view[:], attributes, list(cache.manifest.get("attribute_names", [])), split, cache.manifest)
 
 
 class SplitView:
@@ -138,6 +139,10 @@ class SplitView:
     def __getitem__(self, idx) -> torch.Tensor:
         return self.images[self.index[idx]]
 
+    def head(self, n: int) -> "SplitView":
+        """The first n images of the split, still without a copy."""
+        return SplitView(self.images, self.index[:n])
+
     @property
     def shape(self) -> tuple[int, ...]:
         return (len(self.index), *self.images.shape[1:])
@@ -152,10 +157,10 @@ class SplitView:
         return out
 
 
-def open_split_view(config, split: str, *, progress: bool = True) -> SplitView:
-    """One split of the data a config names (facevae.config.Config), prepared on first use and checked against it."""
-    path, _ = prepare(config.data, size=config.image_size, crop=config.crop, split=config.split, seed=config.seed,
-                      progress=progress)
+def checked_cache(config, *, progress: bool = True) -> Cache:
+    """The cache of the data a config (facevae.config.Config) names, prepared on first use, checked against it."""
+    path, _ = prepare(config.data, size=config.image_size, crop=config.crop, split=config.split,
+                      seed=config.split_seed, progress=progress)
     cache = load_cache(path)
     _, c, h, _ = cache.images.shape
     if c != config.channels:
@@ -164,15 +169,20 @@ def open_split_view(config, split: str, *, progress: bool = True) -> SplitView:
     if h != config.image_size:
         raise UserError(f"the data cache holds {h}x{h} images but image_size = {config.image_size}; "
                         f"prepare it at that size or set image_size = {h}")
+    return cache
+
+
+def split_view(cache: Cache, split: str) -> SplitView:
+    """One split of an opened cache, read through its indices (no copy)."""
     index = torch.from_numpy(cache.split_indices(split).astype(np.int64))
     return SplitView(torch.from_numpy(cache.images), index)
 
 
+def open_split_view(config, split: str, *, progress: bool = True) -> SplitView:
+    """One split of the data a config names, without copying it (see SplitView)."""
+    return split_view(checked_cache(config, progress=progress), split)
+
+
 def open_split(config, split: str, *, progress: bool = True) -> ImageSet:
-    """Like open_split_view, as an ImageSet held in memory (with the split's manifest for reports)."""
-    view = open_split_view(config, split, progress=progress)
-    path, manifest = prepare(config.data, size=config.image_size, crop=config.crop, split=config.split,
-                             seed=config.seed, progress=False)
-    cache = load_cache(path)
-    attributes = torch.from_numpy(cache.attributes[view.index.numpy()]) if cache.attributes is not None else None
-    return ImageSet(view[:], attributes, list(manifest.get("attribute_names", [])), split, manifest)
+    """One split of the data a config names, in memory, with its attributes and manifest."""
+    return image_set(checked_cache(config, progress=progress), split)

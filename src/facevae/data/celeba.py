@@ -274,8 +274,6 @@ def prepare_celeba(root: Path, out: Path, *, size: int, crop: int, split: str, s
     """Decode CelebA once into a cache at `out`: crop, resize, split and attributes; return the manifest."""
     if split not in SPLITS:
         raise UserError(f"unknown CelebA split '{split}'; use official (train/valid/test) or deck (70/30)")
-    if size < 1 or crop < 1:
-        raise UserError(f"size and crop must be positive (got size {size}, crop {crop})")
     if crop > WIDTH:
         raise UserError(f"--crop {crop} is wider than CelebA's aligned images ({WIDTH}x{HEIGHT}); use at most {WIDTH} "
                         f"(148, 140 and 128 are the usual choices)")
@@ -301,7 +299,7 @@ def prepare_celeba(root: Path, out: Path, *, size: int, crop: int, split: str, s
                    "lists": [layout.partition.name, layout.attributes.name]},
         "crop": crop,
         "resample": RESAMPLE_NAME,
-        "split": {"scheme": split, "seed": seed},
+        "split": {"scheme": split, "seed": seed} if split == "deck" else {"scheme": split},
         "skipped": skipped,
     })
     report_skipped(manifest, out)

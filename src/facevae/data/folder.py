@@ -47,8 +47,6 @@ def prepare_folder(root: Path, out: Path, *, size: int, progress: bool) -> dict[
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise UserError(f"{root} {what}; give folder:PATH a folder that holds image files")
-    if size < 1:
-        raise UserError(f"size must be positive (got {size})")
     root = root.resolve()
     out = Path(out)
     names, skipped = list_images(root, exclude=(out, out.with_name(out.name + ".partial")))
