@@ -36,11 +36,14 @@ def grid(images: torch.Tensor, *, columns: int = 8, padding: int = 2, min_tile: 
 
 
 def pairs(real: torch.Tensor, predicted: torch.Tensor, *, columns: int = 8) -> torch.Tensor:
-    """Interleave rows: a row of real images, then the row of their predictions, and so on; (2N, C, H, W)."""
+    """Interleave rows: a row of real images, then the row of their predictions, and so on; a short last row is
+    padded with white tiles. (2 * rows * columns, C, H, W)."""
     real, predicted = _same_type(real), _same_type(predicted)
     out = []
     for start in range(0, len(real), columns):
-        out += [real[start:start + columns], predicted[start:start + columns]]
+        for row in (real[start:start + columns], predicted[start:start + columns]):
+            blank = torch.ones(columns - len(row), *row.shape[1:])  # white tiles keep a short last row in its row
+            out += [row, blank]
     return torch.cat(out)
 
 

@@ -1,0 +1,38 @@
+"""Grids: rows of real images alternate with rows of their reconstructions, each tile exactly its image."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from facevae.images import grid, pairs
+
+
+def _tile(img: np.ndarray, row: int, col: int, side: int, padding: int, scale: int) -> np.ndarray:
+    y = (padding + row * (side + padding)) * scale
+    x = (padding + col * (side + padding)) * scale
+    return img[y:y + side * scale, x:x + side * scale]
+
+
+def test_pairs_grid_layout_and_pixels():
+    real = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
+    recon = torch.rand(10, 1, 32, 32)
+    img = np.asarray(grid(pairs(real, recon, columns=4), columns=4))  # scale 2: tiles of >= 64 pixels
+    scale, padding, side = 2, 2, 32
+    rows = 2 * 3  # 10 images in rows of 4: 3 rows of real images, each followed by its reconstructions
+    assert img.shape == ((rows * (side + padding) + padding) * scale, (4 * (side + padding) + padding) * scale)
+    up = lambda t: np.kron(t, np.ones((scale, scale), dtype=np.uint8))  # noqa: E731 - nearest-neighbour upscale
+    expected_recon = (recon.clamp(0, 1) * 255).round().to(torch.uint8)
+    for i in range(10):
+        r, c = divmod(i, 4)
+        assert np.array_equal(_tile(img, 2 * r, c, side, padding, scale), up(real[i, 0].numpy()))
+        assert np.array_equal(_tile(img, 2 * r + 1, c, side, padding, scale), up(expected_recon[i, 0].numpy()))
+    for c in (2, 3):  # the short last rows are padded with white, not filled with the next row's images
+        assert (_tile(img, 4, c, side, padding, scale) == 255).all() and (_tile(img, 5, c, side, padding, scale) == 255).all()
+
+
+def test_rgb_grid_keeps_channels():
+    images = torch.rand(3, 3, 64, 64)
+    img = np.asarray(grid(images, columns=3))
+    assert img.shape == (64 + 4, 3 * 66 + 2, 3)  # 64-pixel tiles need no upscaling
+    assert np.array_equal(_tile(img, 0, 2, 64, 2, 1), (images[2].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
