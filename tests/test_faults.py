@@ -192,18 +192,24 @@ def _tiny(**extra):
                           **extra})
 
 
-def test_non_finite_loss_skips_the_batch(tmp_path, monkeypatch):
+def _poison_loss(monkeypatch, bad_call, factor: float):
+    """Multiply the training loss by `factor` (nan, inf) on the forward calls where bad_call(n) is true."""
     original = VAE.forward
     calls = {"n": 0}
 
-    def sometimes_nan(self, x, **kw):
+    def forward(self, x, **kw):
         calls["n"] += 1
         terms = original(self, x, **kw)
-        if calls["n"] in (3, 7, 8):  # the 3rd, 7th and 8th training batches
-            terms.loss = terms.loss * float("nan")
+        if bad_call(calls["n"]):
+            terms.loss = terms.loss * factor
         return terms
 
-    monkeypatch.setattr(VAE, "forward", sometimes_nan)
+    monkeypatch.setattr(VAE, "forward", forward)
+    return original
+
+
+def test_non_finite_loss_skips_the_batch(tmp_path, monkeypatch):
+    _poison_loss(monkeypatch, lambda n: n in (3, 7, 8), float("nan"))  # the 3rd, 7th and 8th training batches
     record = train(_tiny(), tmp_path / "run", progress=False)
     assert record["skipped_steps"] == 3 and record["step"] == 20  # 20 batches, 17 updates
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -220,17 +226,7 @@ def _adam_steps(run: Path) -> int:
 
 
 def test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch):
-    original = VAE.forward
-    calls = {"n": 0}
-
-    def nan_from_the_fifth(self, x, **kw):
-        calls["n"] += 1
-        terms = original(self, x, **kw)
-        if calls["n"] >= 5:
-            terms.loss = terms.loss * float("inf")
-        return terms
-
-    monkeypatch.setattr(VAE, "forward", nan_from_the_fifth)
+    original = _poison_loss(monkeypatch, lambda n: n >= 5, float("inf"))
     with pytest.raises(UserError, match="not finite for 3 steps in a row"):
         train(_tiny(max_bad_steps=3), tmp_path / "run", progress=False)
     # The last checkpoint (batch 6) holds the weights of the 4 good steps: skipped batches change nothing.
