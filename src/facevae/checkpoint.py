@@ -38,9 +38,14 @@ def sha256(data: bytes) -> str:
 
 
 # ---------------------------------------------------------------- the model file
-def save_model(vae: VAE, path: Path) -> None:
-    """The weights (unwrapped, on the CPU) with the config in the safetensors metadata."""
-    atomic_write(path, st_save(_cpu_state(vae), metadata=vae.metadata()))
+def model_bytes(vae: VAE) -> bytes:
+    """The weights (unwrapped, on the CPU) as a safetensors file with the config in its metadata."""
+    return st_save(_cpu_state(vae), metadata=vae.metadata())
+
+
+def save_model(vae: VAE, path: Path, *, data: bytes | None = None) -> None:
+    """Write the model file (`data`, when the caller has already serialised the weights with model_bytes)."""
+    atomic_write(path, data if data is not None else model_bytes(vae))
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -98,14 +103,16 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> VAE:
 
 
 # ---------------------------------------------------------------- the resume checkpoint
-def save_checkpoint(run_dir: Path, vae: VAE, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Everything resume needs, written whole under checkpoint.new/ and swapped in by renames."""
+def save_checkpoint(run_dir: Path, vae: VAE, optimizer: torch.optim.Optimizer, state: dict[str, Any], *,
+                    model: bytes | None = None) -> None:
+    """Everything resume needs, written whole under checkpoint.new/ and swapped in by renames (`model`: the weights
+    already serialised by model_bytes, so that an epoch's end serialises them once)."""
     new, cur, old = (run_dir / f"{CHECKPOINT_DIR}{s}" for s in (".new", "", ".old"))
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
     rng_tensors, rng_meta = _rng_state()
-    files = {"model.safetensors": st_save(_cpu_state(vae)),
+    files = {"model.safetensors": model if model is not None else model_bytes(vae),
              "optimizer.safetensors": st_save({**opt_tensors, **rng_tensors})}
     for name, data in files.items():
         atomic_write(new / name, data)

@@ -40,6 +40,17 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def setup(config, *, device: str | None = None) -> tuple[torch.device, str]:
+    """The run's hardware choices, made the same way for training and evaluation: CPU threads, device, precision.
+
+    `device` overrides the config's device (evaluate --device).
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    dev = resolve_device(device or config.device)
+    return dev, resolve_precision(config.precision, dev)
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed-precision autocast for the network; likelihood and KL sums stay float32 (distributions.py casts)."""
     if precision == "float32":

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from facevae.device import autocast, resolve_device, resolve_precision, to_unit_float
+from facevae.device import autocast, setup, to_unit_float
 from facevae.errors import UserError
 from facevae.model import VAE
 from facevae.objectives import bits_per_dim, iw_log_likelihood, psnr
@@ -25,8 +25,7 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: unit u is active when Var_x(E_q[z_
 
 @torch.inference_mode()
 def evaluate(vae: VAE, images: torch.Tensor, *, iw_samples: int = 1, batch_size: int = 256,
-             device: torch.device | str = "cpu", precision: str = "float32", progress: bool = False,
-             kl_weight: float | None = None) -> dict[str, Any]:
+             device: torch.device | str = "cpu", precision: str = "float32", progress: bool = False) -> dict[str, Any]:
     """Evaluate `vae` (in eval mode) on uint8 images (N, C, H, W); return the report's numbers.
 
     Runs in inference mode under the given device and precision (autocast for the network; every likelihood and KL
@@ -40,7 +39,7 @@ def evaluate(vae: VAE, images: torch.Tensor, *, iw_samples: int = 1, batch_size:
     n = len(images)
     dims = images[0].numel()
     latent_dim = vae.config.latent_dim
-    beta = vae.config.kl_weight if kl_weight is None else kl_weight
+    beta = vae.config.kl_weight
     chunk = min(iw_samples, batch_size)  # samples per image per decoder call
     group = max(1, batch_size // iw_samples)  # images per decoder call of the bound
     per_image: dict[str, list[torch.Tensor]] = {k: [] for k in ("elbo", "recon", "kl", "log_px", "mse", "psnr",
@@ -156,9 +155,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", iw_samples: int = 
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     vae = load_run(run_dir)
     config = vae.config
-    if config.threads:  # the run's hardware choices, as in training
-        torch.set_num_threads(config.threads)
-    dev = resolve_device(device or config.device)
+    dev, precision = setup(config, device=device)  # the run's hardware choices, as in training
     vae = vae.to(dev)
     if config.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
@@ -169,7 +166,6 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", iw_samples: int = 
     images = images.head(limit) if limit else images
     if len(images) == 0:
         raise UserError(f"the '{split}' split has no images")
-    precision = resolve_precision(config.precision, dev)
     # The weights file is checked before the long evaluation: a bad one fails at once.
     extractor, fid_note = fid.load_extractor(fid_weights, dev) if fid_weights else (None, fid.NOTE_NO_WEIGHTS)
     if extractor is not None and len(images) < 2:

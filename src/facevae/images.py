@@ -47,14 +47,15 @@ def pairs(real: torch.Tensor, predicted: torch.Tensor, *, columns: int = 8) -> t
     return torch.cat(out)
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write a PNG atomically (a half-written picture never replaces a good one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_png(image: Image.Image, *paths: str | Path) -> Path:
+    """Encode a PNG once and write it atomically to each path (a half-written picture never replaces a good one);
+    return the first path."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    atomic_write(path, buf.getvalue())
-    return path
+    for path in map(Path, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buf.getvalue())
+    return Path(paths[0])
 
 
 def _same_type(images: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from facevae import checkpoint as ckpt
 from facevae import images as pictures
 from facevae.config import Config
 from facevae.data import SplitView, checked_cache, split_view
-from facevae.device import autocast, resolve_device, resolve_precision, to_unit_float
+from facevae.device import autocast, setup, to_unit_float
 from facevae.distributed import World, sync_batchnorm
 from facevae.errors import Interrupted, UserError
 from facevae.evaluate import evaluate
@@ -143,13 +143,10 @@ def train(config: Config, run_dir: str | Path, *, progress: bool = True) -> dict
     config.validate()
     run_dir = Path(run_dir)
     world = World.from_env()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    device, precision = setup(config)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    precision = resolve_precision(config.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
     world.init(device)
@@ -226,11 +223,15 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
             f"raise --epochs to train further")
     record: dict[str, Any] = {}
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(*, with_model: bool = False) -> None:
+        """The checkpoint, and (with_model) the run's model file from the same serialised weights; rank 0 only."""
         if not world.is_main:
             return
         try:
-            ckpt.save_checkpoint(run_dir, vae, optimizer, {**state, "scaler": scaler.state_dict()})
+            weights = ckpt.model_bytes(vae)
+            if with_model:
+                ckpt.save_model(vae, run_dir / ckpt.MODEL_FILE, data=weights)
+            ckpt.save_checkpoint(run_dir, vae, optimizer, {**state, "scaler": scaler.state_dict()}, model=weights)
         except OSError as e:
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise UserError(f"could not write a checkpoint at step {state['step']} ({why}); the previous "
@@ -312,9 +313,7 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
                 at_max = config.max_steps and state["step"] >= config.max_steps
                 if stopping or ckpt_now or at_max:
                     sync()
-                    save_checkpoint()
-                if (stopping or at_max) and world.is_main:
-                    ckpt.save_model(vae, run_dir / ckpt.MODEL_FILE)  # the run directory's model is the latest
+                    save_checkpoint(with_model=bool(stopping or at_max))  # a stopped run's model is its latest
                 if stopping:
                     bar.close()
                     name = stop.requested or "a signal to another process"
@@ -348,8 +347,7 @@ def _train(config: Config, run_dir: Path, world: World, device: torch.device, pr
                 if (epoch + 1) % config.image_every == 0 or last:
                     _save_pictures(vae, fixed_test, run_dir, epoch + 1, device, config.seed + 12345,
                                    config.image_count)
-                ckpt.save_model(vae, run_dir / ckpt.MODEL_FILE)
-            save_checkpoint()
+            save_checkpoint(with_model=True)
             if (epoch + 1) % config.image_every == 0 or last:
                 say(_epoch_line(record))
     world.barrier()
@@ -421,8 +419,7 @@ def _save_pictures(vae: VAE, real: torch.Tensor, run_dir: Path, epoch: int, devi
     rec_img = pictures.grid(pictures.pairs(real, rec))
     sample_img = pictures.grid(samples)
     for name, img in (("reconstructions", rec_img), ("samples", sample_img)):
-        pictures.save_png(img, run_dir / "images" / f"{name}_e{epoch:03d}.png")
-        pictures.save_png(img, run_dir / "images" / f"{name}.png")
+        pictures.save_png(img, run_dir / "images" / f"{name}_e{epoch:03d}.png", run_dir / "images" / f"{name}.png")
 
 
 def _epoch_line(r: dict[str, Any]) -> str:
