@@ -7,8 +7,8 @@ FACEVAE := $(VENV)/bin/facevae
 TORCH_SPEC ?= torch==2.13.0
 RUN ?= runs/lfw-faces
 
-LIKELIHOODS := gaussian gaussian_learned gaussian_optimal gaussian_optimal_per_image bernoulli \
-	continuous_bernoulli discretized_logistic
+# The likelihood table (facevae.distributions.LIKELIHOODS), read when compare-demo runs.
+LIKELIHOODS = $(shell $(PY) -c "from facevae.distributions import LIKELIHOODS; print(*LIKELIHOODS)")
 COMPARE_EPOCHS ?= 100
 
 .PHONY: install demo test test-slow bench compare-demo clean

@@ -29,7 +29,7 @@ from facevae.config import Config
 from facevae.device import autocast, resolve_precision
 from facevae.evaluate import evaluate
 from facevae.model import VAE
-from facevae.objectives import iw_log_likelihood
+from facevae.metrics import iw_log_likelihood
 
 
 def best_times(fns: dict, repeats: int) -> dict[str, tuple[float, float, float]]:
@@ -77,7 +77,7 @@ def main() -> None:
                 vae.decoder(chunk)
 
     @torch.inference_mode()
-    def bound_only() -> None:  # objectives.iw_log_likelihood as evaluate calls it: group * chunk <= batch
+    def bound_only() -> None:  # metrics.iw_log_likelihood as evaluate calls it: group * chunk <= batch
         x = images.float() / 255
         group, chunk = max(1, batch // k), min(k, batch)
         with autocast(device, precision):

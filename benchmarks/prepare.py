@@ -3,7 +3,7 @@
 Generates COUNT 178x218 JPEGs (random crops of scikit-image's bundled photographs, so that they decode like
 photographs, not like flat colours) in CelebA's original layout inside a temporary directory, then measures, each in a
 fresh process so that peak memory is its own:
-  - facevae: prepare_celeba (list parsing, parallel decode into the memory-mapped cache, commit);
+  - facevae: the celeba source's prepare (list parsing, parallel decode into the memory-mapped cache, commit);
   - plain:   for each file: Image.open, convert("RGB"), crop(148), resize(64, bilinear), append to a list; np.stack.
 It prints images per second (and per decoding core, and per CPU-second: the figure that does not depend on what
 else the machine is running), peak resident memory of the process and of its children, how
@@ -93,15 +93,15 @@ def child(method: str, folder: Path, count: int, size: int, crop: int) -> None:
     """Run one method on the first `count` images in this process; print seconds and peak memory as JSON."""
     names = [f"{i:06d}.jpg" for i in range(1, count + 1)]
     if method == "facevae":
-        from facevae.data.celeba import prepare_celeba
+        from facevae.data import celeba
+        from facevae.data.cache import Settings
         from facevae.data.decode import worker_count
 
         workers = worker_count()
         if count < len(list((folder / "celeba" / "img_align_celeba").iterdir())):
             folder = linked_copy(folder, count, count, f"first-{count}")
         cpu, start = cpu_seconds(), time.perf_counter()
-        manifest = prepare_celeba(folder, folder / f"cache-{count}", size=size, crop=crop, split="official", seed=0,
-                                  progress=False)
+        manifest = celeba.prepare(folder, folder / f"cache-{count}", Settings(size=size, crop=crop), progress=False)
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
         assert manifest["images"] == count and not manifest["skipped"], manifest["skipped"][:3]
     else:

@@ -1,15 +1,21 @@
-"""Training throughput: facevae's loop beside the popular repository's way, same network, batch and optimiser.
+"""Training throughput: facevae's loop beside the popular repository's way, and beside the barest loop.
 
 facevae:   the uint8 cache in memory (on the GPU when there is one), batches by index, uint8 -> float on the device,
-           channels_last, the config's precision (`auto`: bf16 where the device has it), one host sync per step.
+           channels_last, the config's precision (`auto`: bf16 where the device has it), no host sync per step; every
+           step guarded (finite check, skipped update, buffer restore) and its figures summed on the device.
 reference: a PyTorch DataLoader with 4 workers that opens, decodes, center-crops (148) and resizes (64) a 178x218
            CelebA-sized JPEG per item every epoch, float32, default (contiguous) memory format.
+bare:      the same network, batch, precision, memory format and (fused) Adam as facevae, on batches already float on
+           the device: forward, backward, step; no checks, no tallies, no logging. facevae / bare is the cost of
+           facevae's loop itself. The two alternate, ROUNDS times each, and the best of each counts (the machine may
+           be shared: the best run is the least disturbed one).
 
-Both train the deck's 64x64 network (facevae.model.VAE, Config() defaults) with Adam on generated images; the
+All train the deck's 64x64 network (facevae.model.VAE, Config() defaults) with Adam on generated images; the
 reference's JPEG decoding is its steady state, facevae's one-time `prepare` is not counted. The last line printed is
-one JSON object: facevae_img_s, reference_img_s, ratio, device, batch_size.
+one JSON object: facevae_img_s, reference_img_s, ratio, bare_img_s, facevae_over_bare, device, batch_size.
 
-    python benchmarks/train_throughput.py [--steps 30] [--batch-size 64] [--device auto]
+    python benchmarks/train_throughput.py [--steps 30] [--batch-size 64] [--device auto] [--rounds 3]
+    python benchmarks/train_throughput.py --bare-only     # only facevae against the bare loop
     python benchmarks/train_throughput.py --full-cache    # also: peak memory on a 202,599-image cache
 """
 
@@ -30,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from facevae.config import Config
 from facevae.data.cache import SPLIT_NAMES, CacheWriter
-from facevae.device import resolve_device
+from facevae.device import autocast, resolve_device, resolve_precision
 from facevae.model import VAE
 from facevae.train import train
 
@@ -107,9 +113,47 @@ def facevae_loop(cache: Path, run_dir: Path, batch_size: int, device: str, preci
     train(config, run_dir, progress=False)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epoch2 = [r for r in records if r["kind"] == "epoch"][-1]
-    from facevae.device import resolve_precision
-
     return epoch2["img_per_s"], resolve_precision(precision, resolve_device(device))
+
+
+def bare_loop(images: np.ndarray, batch_size: int, device: torch.device, precision: str, warmup: int = 3) -> float:
+    """Images per second of the barest loop of facevae's network, batch, precision, memory format and fused Adam:
+    the batches (N, 3, 64, 64) are already float on the device; forward, backward, step, nothing else."""
+    torch.manual_seed(0)
+    config = Config(batch_size=batch_size).validate()
+    vae = VAE(config).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate, fused=True)
+    x_all = torch.from_numpy(images).to(device).float().div(255).contiguous(memory_format=torch.channels_last)
+    steps = len(images) // batch_size
+    eps = torch.randn(steps, batch_size, config.latent_dim, device=device)
+    batches = [x_all[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+    for i in range(warmup + steps):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with autocast(device, precision):
+            loss = vae(batches[i % steps], eps=eps[i % steps]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    loss.item()  # wait for the last step
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
+def against_bare(cache: Path, images: np.ndarray, tmp: Path, args: argparse.Namespace) -> dict:
+    """facevae's loop and the bare loop, alternating, `args.rounds` times each; the best of each and their ratio."""
+    device = resolve_device(args.device)
+    ours, bare = [], []
+    for r in range(args.rounds):
+        img_s, precision = facevae_loop(cache, tmp / f"run-bare-{r}", args.batch_size, args.device, args.precision)
+        ours.append(img_s)
+        bare.append(bare_loop(images, args.batch_size, device, precision))
+        print(f"round {r + 1}: facevae {ours[-1]:7.1f} img/s, bare loop {bare[-1]:7.1f} img/s", flush=True)
+    print(f"facevae / bare loop: {max(ours) / max(bare):.3f} (best of {args.rounds} each: {max(ours):.1f} against "
+          f"{max(bare):.1f} img/s, {precision}, batch {args.batch_size})", flush=True)
+    return {"facevae_best_img_s": round(max(ours), 1), "bare_img_s": round(max(bare), 1),
+            "facevae_over_bare": round(max(ours) / max(bare), 4), "rounds": args.rounds}
 
 
 def full_cache_memory(tmp: Path, steps: int, batch_size: int) -> dict:
@@ -146,6 +190,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="facevae's precision (the reference is always float32)")
     p.add_argument("--full-cache", action="store_true", help="also measure peak memory on a 202,599-image cache")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of facevae and the bare loop")
+    p.add_argument("--bare-only", action="store_true", help="only facevae against the bare loop (no JPEG reference)")
     args = p.parse_args()
     device = resolve_device(args.device)
     n = args.steps * args.batch_size
@@ -161,13 +207,17 @@ def main() -> None:
         faces64 = np.stack([np.asarray(Image.fromarray(img[35:183, 15:163]).resize((64, 64), Image.Resampling.BILINEAR))
                             for img in raw])
         cache = write_cache(tmp / "cache", faces64)
+        bare = against_bare(cache, faces64.transpose(0, 3, 1, 2), tmp, args)
+        if args.bare_only:
+            print(json.dumps({**bare, "device": str(device), "batch_size": args.batch_size}))
+            return
         ours, precision = facevae_loop(cache, tmp / "run", args.batch_size, args.device, args.precision)
         print(f"facevae:   {ours:8.1f} img/s  (uint8 cache in memory, channels_last, {precision})", flush=True)
         ref = reference_loop(paths, args.batch_size, args.steps, device)
         print(f"reference: {ref:8.1f} img/s  (DataLoader, 4 workers, JPEG decode per item, float32, NCHW)", flush=True)
         print(f"ratio:     {ours / ref:8.2f}x  on {device} ({torch.get_num_threads()} threads), batch {args.batch_size}")
         result = {"facevae_img_s": round(ours, 1), "reference_img_s": round(ref, 1), "ratio": round(ours / ref, 3),
-                  "device": str(device), "batch_size": args.batch_size, "precision": precision}
+                  "device": str(device), "batch_size": args.batch_size, "precision": precision, **bare}
         if args.full_cache:
             mem = full_cache_memory(tmp, steps=200, batch_size=args.batch_size)
             print(f"full CelebA-sized cache: {mem['cache_bytes'] / 2**30:.2f} GiB; peak RSS of {mem['steps']} training "

@@ -14,7 +14,9 @@ import celeba_fixtures as cf
 from facevae.data import load_cache, open_dataset, prepare
 from facevae.data import decode as decode_module
 from facevae.data.cache import is_cache
-from facevae.data.celeba import deck_test_count, detect_layout, prepare_celeba
+from facevae.data import celeba
+from facevae.data.cache import Settings
+from facevae.data.celeba import deck_test_count, detect_layout
 from facevae.errors import UserError
 
 
@@ -26,10 +28,11 @@ def _isolated(monkeypatch, tmp_path):
 
 
 def run(root: Path, out: Path, **kw) -> dict:
-    """prepare_celeba with the defaults of the command line, quiet."""
-    settings = dict(size=64, crop=148, split="official", seed=0, progress=False)
+    """The celeba source's prepare with the defaults of the command line, quiet; `split` names the scheme."""
+    settings = dict(size=64, crop=148, split="official", seed=0)
     settings.update(kw)
-    return prepare_celeba(root, out, **settings)
+    scheme = settings.pop("split")
+    return celeba.prepare(root, out, Settings(scheme=scheme, **settings), progress=False)
 
 
 def reasons(manifest: dict) -> dict[str, str]:
@@ -378,12 +381,12 @@ def test_a_cache_of_another_split_is_not_reused(tmp_path, monkeypatch):
     root = tmp_path / "celeba"
     cf.make_celeba(root, "original", count=12)
     out = tmp_path / "one-cache"
-    prepare(f"celeba:{root}", out=out, size=32, split="official", progress=False)
-    assert prepare(f"celeba:{root}", out=out, size=32, split="official", progress=False)[0] == out  # reused
+    prepare(f"celeba:{root}", out=out, size=32, scheme="official", progress=False)
+    assert prepare(f"celeba:{root}", out=out, size=32, scheme="official", progress=False)[0] == out  # reused
     with pytest.raises(UserError, match="other settings"):
-        prepare(f"celeba:{root}", out=out, size=32, split="deck", progress=False)
-    deck0, _ = prepare(f"celeba:{root}", size=32, split="deck", seed=0, progress=False)
-    deck1, _ = prepare(f"celeba:{root}", size=32, split="deck", seed=1, progress=False)
+        prepare(f"celeba:{root}", out=out, size=32, scheme="deck", progress=False)
+    deck0, _ = prepare(f"celeba:{root}", size=32, scheme="deck", seed=0, progress=False)
+    deck1, _ = prepare(f"celeba:{root}", size=32, scheme="deck", seed=1, progress=False)
     assert deck0 != deck1  # default cache paths differ by seed
 
 

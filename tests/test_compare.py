@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import tiny_config
-from facevae.checkpoint import load_run, save_model
+from facevae.checkpoint import save_model
+from facevae.run import load_run
 from facevae.cli import main
 from facevae.compare import comparison_rows, markdown_table, run_labels
 from facevae.data import open_dataset

@@ -335,7 +335,7 @@ def test_a_non_finite_input_leaves_no_trace_in_batchnorm(tmp_path, monkeypatch):
 
 
 def test_max_steps_leaves_a_usable_model(tmp_path):
-    from facevae.checkpoint import load_run
+    from facevae.run import load_run
 
     record = train(_tiny(max_steps=3), tmp_path / "run", progress=False)
     assert record["step"] == 3

@@ -10,7 +10,9 @@ from PIL import Image
 
 import celeba_fixtures as cf
 from facevae.data import load_cache, open_dataset
-from facevae.data.folder import list_images, prepare_folder
+from facevae.data import folder
+from facevae.data.cache import Settings
+from facevae.data.folder import list_images
 from facevae.errors import UserError
 
 
@@ -25,7 +27,7 @@ def test_every_format_and_size_is_read_as_its_largest_center_square(tmp_path):
     sizes = cf.make_folder(tmp_path / "photos")
     (tmp_path / "photos" / "notes.txt").write_text("not an image")
     (tmp_path / "photos" / ".hidden.jpg").write_bytes(b"ignored")
-    manifest = prepare_folder(tmp_path / "photos", tmp_path / "out", size=32, progress=False)
+    manifest = folder.prepare(tmp_path / "photos", tmp_path / "out", Settings(size=32), progress=False)
     cache = load_cache(tmp_path / "out")
     names = sorted(sizes)
     assert manifest["images"] == len(names) == 20
@@ -44,7 +46,7 @@ def test_big_photos_use_reduced_jpeg_decoding_within_one_grey_level(tmp_path):
     for i in range(3):
         (tmp_path / "big").mkdir(exist_ok=True)
         (tmp_path / "big" / f"{i}.jpg").write_bytes(cf.jpeg_bytes(cf.smooth_image(rng, 1600, 1200)))
-    prepare_folder(tmp_path / "big", tmp_path / "out", size=64, progress=False)
+    folder.prepare(tmp_path / "big", tmp_path / "out", Settings(size=64), progress=False)
     images = load_cache(tmp_path / "out").images
     reference = np.stack([cf.pillow_square(tmp_path / "big" / f"{i}.jpg", None, 64) for i in range(3)])
     assert np.abs(images.astype(np.float64) - reference).mean() <= 1.0
@@ -56,7 +58,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # the camera was turned: show rotated by 90 degrees clockwise
     (tmp_path / "photos").mkdir()
     Image.fromarray(pixels).save(tmp_path / "photos" / "turned.jpg", quality=95, exif=exif)
-    prepare_folder(tmp_path / "photos", tmp_path / "out", size=32, progress=False)
+    folder.prepare(tmp_path / "photos", tmp_path / "out", Settings(size=32), progress=False)
     upright = Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_270)  # 100 wide, 160 high
     reference = np.asarray(upright.crop((0, 30, 100, 130)).resize((32, 32), Image.Resampling.BILINEAR))
     got = load_cache(tmp_path / "out").images[0].transpose(1, 2, 0).astype(np.float64)
@@ -68,8 +70,8 @@ def test_the_split_is_a_fixed_seeded_90_10(tmp_path):
     (tmp_path / "photos").mkdir()
     for i in range(25):
         (tmp_path / "photos" / f"{i:02d}.png").write_bytes(_png(cf.smooth_image(rng, 40, 40)))
-    a = prepare_folder(tmp_path / "photos", tmp_path / "a", size=16, progress=False)
-    prepare_folder(tmp_path / "photos", tmp_path / "b", size=16, progress=False)
+    a = folder.prepare(tmp_path / "photos", tmp_path / "a", Settings(size=16), progress=False)
+    folder.prepare(tmp_path / "photos", tmp_path / "b", Settings(size=16), progress=False)
     assert a["splits"] == {"train": 22, "valid": 0, "test": 3} and a["split"]["seed"] == 0
     np.testing.assert_array_equal(load_cache(tmp_path / "a").split_codes, load_cache(tmp_path / "b").split_codes)
 
@@ -78,7 +80,7 @@ def test_bad_files_are_skipped_and_named(tmp_path, capsys):
     cf.make_folder(tmp_path / "photos")
     (tmp_path / "photos" / "broken.png").write_bytes(_png(cf.smooth_image(np.random.default_rng(1), 50, 50))[:60])
     (tmp_path / "photos" / "text.jpg").write_text("hello")
-    manifest = prepare_folder(tmp_path / "photos", tmp_path / "out", size=16, progress=False)
+    manifest = folder.prepare(tmp_path / "photos", tmp_path / "out", Settings(size=16), progress=False)
     skipped = {e["file"]: e["reason"] for e in manifest["skipped"]}
     assert set(skipped) == {"broken.png", "text.jpg"}
     assert skipped["text.jpg"].startswith("not an image") and skipped["broken.png"].startswith("unreadable")
@@ -90,10 +92,10 @@ def test_no_images_is_a_one_line_user_error(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "readme.md").write_text("no pictures here")
     with pytest.raises(UserError, match="no images in") as e:
-        prepare_folder(tmp_path / "empty", tmp_path / "out", size=16, progress=False)
+        folder.prepare(tmp_path / "empty", tmp_path / "out", Settings(size=16), progress=False)
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="does not exist"):
-        prepare_folder(tmp_path / "nowhere", tmp_path / "out", size=16, progress=False)
+        folder.prepare(tmp_path / "nowhere", tmp_path / "out", Settings(size=16), progress=False)
 
 
 def test_only_unreadable_images_fail_and_leave_nothing(tmp_path):
@@ -101,7 +103,7 @@ def test_only_unreadable_images_fail_and_leave_nothing(tmp_path):
     for i in range(3):
         (tmp_path / "bad" / f"{i}.jpg").write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="none of the 3 image files"):
-        prepare_folder(tmp_path / "bad", tmp_path / "out", size=16, progress=False)
+        folder.prepare(tmp_path / "bad", tmp_path / "out", Settings(size=16), progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from facevae.checkpoint import load_run
-from facevae.config import LIKELIHOODS
+from facevae.run import load_run
+from facevae.distributions import LIKELIHOODS
 from facevae.data import open_dataset
 from facevae.evaluate import evaluate
 from facevae.train import train
@@ -29,7 +29,7 @@ def test_learned_sigma_moves_toward_the_optimal_sigma(tmp_path):
     x = open_dataset("lfw", split="train", size=32).images.float() / 255
     with torch.no_grad():
         rmse = ((vae(x).x_mean - x) ** 2).mean().sqrt().item()
-    learned = vae.log_sigma.item()
+    learned = vae.likelihood_params.log_sigma.item()
     assert rmse > 0.1  # an under-fitted model: the optimum sigma lies above the starting 0.1
     assert learned > start  # moved up, toward log(rmse)
     assert abs(learned - math.log(rmse)) < abs(start - math.log(rmse)) - 0.05  # Adam moves <= lr per step: 30 steps
@@ -94,13 +94,14 @@ def test_optimal_sigma_scores_with_a_fixed_running_sigma_in_eval_mode(likelihood
     for _ in range(5):
         terms = vae(x)
         rmse_logs.append(0.5 * torch.log(((terms.x_mean - x) ** 2).mean()).item())
-    assert vae.running_count.item() == 5
-    assert vae.running_log_sigma.item() == pytest.approx(sum(rmse_logs) / 5, abs=1e-5)  # mean of the first batches
+    assert vae.likelihood_params.running_count.item() == 5
+    running = vae.likelihood_params.running_log_sigma.item()
+    assert running == pytest.approx(sum(rmse_logs) / 5, abs=1e-5)  # mean of the first batches
     vae.eval()
     z = torch.randn(6, 4)
     alone = torch.cat([vae.decode(z[i:i + 1]).log_prob(x[i:i + 1]) for i in range(6)])
     together = vae.decode(z).log_prob(x)
     assert torch.allclose(alone, together, rtol=1e-5)  # no dependence on the other images of the batch
-    sigma = vae.running_log_sigma.exp().item()
+    sigma = vae.likelihood_params.running_log_sigma.exp().item()
     expected = torch.distributions.Normal(vae.decode(z).mean, sigma).log_prob(x).flatten(1).sum(1)
     assert torch.allclose(together, expected, rtol=1e-4)

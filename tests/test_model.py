@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from facevae.checkpoint import load_model, save_model
-from facevae.config import LIKELIHOODS, Config
+from facevae.config import Config
+from facevae.distributions import LIKELIHOODS
 from facevae.model import VAE, network_summary
 
 

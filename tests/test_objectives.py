@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from facevae.config import Config
 from facevae.model import VAE
-from facevae.objectives import bits_per_dim, elbo, iw_log_likelihood, psnr
+from facevae.metrics import bits_per_dim, iw_log_likelihood, psnr
+from facevae.model import elbo
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DECK_W = 0.00024

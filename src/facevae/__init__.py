@@ -5,14 +5,13 @@
     images = open_dataset("lfw", split="test", size=32)
 """
 
-__version__ = "0.1.0"
+from facevae.version import __version__
 
-from facevae.checkpoint import load_run  # noqa: E402
-from facevae.config import Config  # noqa: E402
-from facevae.data import ImageSet, open_dataset  # noqa: E402
-from facevae.distributions import DiagonalGaussian, Likelihood  # noqa: E402
-from facevae.model import VAE  # noqa: E402
-from facevae.objectives import ELBO  # noqa: E402
+from facevae.config import Config
+from facevae.data import ImageSet, SplitView, open_dataset
+from facevae.distributions import LIKELIHOODS, DiagonalGaussian, Likelihood
+from facevae.model import ELBO, VAE
+from facevae.run import Run, load_run
 
-__all__ = ["Config", "DiagonalGaussian", "ELBO", "ImageSet", "Likelihood", "VAE", "__version__", "load_run",
-           "open_dataset"]
+__all__ = ["Config", "DiagonalGaussian", "ELBO", "ImageSet", "LIKELIHOODS", "Likelihood", "Run", "SplitView", "VAE",
+           "__version__", "load_run", "open_dataset"]

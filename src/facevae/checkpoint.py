@@ -1,4 +1,4 @@
-"""Saving and loading runs: safetensors for tensors, JSON and TOML for the rest, every write atomic. No pickle.
+"""The model file and the resume checkpoint: safetensors for tensors, JSON for the rest, every write atomic. No pickle.
 
 RUN_DIR/model.safetensors   the model's weights, its config as JSON in the metadata
 RUN_DIR/checkpoint/         what resume needs: model.safetensors, optimizer.safetensors (tensors),
@@ -68,6 +68,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 def load_state_into(vae: VAE, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Check names, shapes and dtypes against the model before loading anything into it."""
     expected = vae.state_dict()
+    # Files written before the likelihood owned its parameters name them at the top level (log_sigma, ...).
+    tensors = {k if k in expected or f"likelihood_params.{k}" not in expected else f"likelihood_params.{k}": v
+               for k, v in tensors.items()}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -89,17 +92,6 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> VAE:
     vae = VAE(config)
     load_state_into(vae, tensors, path)
     return vae.to(device).eval()
-
-
-def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu") -> VAE:
-    """The trained model of a run directory, in eval mode, on `device` (CPU unless given)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist; train one with `facevae train --out {run_dir}`")
-    if not (run_dir / MODEL_FILE).is_file():
-        raise UserError(f"{run_dir} holds no trained model ({MODEL_FILE} is missing); "
-                        f"train it with `facevae train --out {run_dir}`")
-    return load_model(run_dir / MODEL_FILE, device=device)
 
 
 # ---------------------------------------------------------------- the resume checkpoint

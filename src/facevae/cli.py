@@ -10,9 +10,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from facevae.errors import Interrupted, UserError
+
+if TYPE_CHECKING:
+    from facevae.config import Config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,21 +24,37 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every subcommand; defaults that are config keys come from Config."""
+    from facevae.config import Config
+
     p = _Parser(prog="facevae", description="Variational auto-encoders for faces.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    _data_commands(sub, Config())
+    _run_commands(sub, Config())
+    return p
+
+
+def _data_commands(sub: Any, d: "Config") -> None:
+    """prepare and train."""
+    from facevae.config import SPLIT_SCHEMES
+    from facevae.distributions import LIKELIHOODS
 
     s = sub.add_parser("prepare", help="decode and resize a data source once into a uint8 cache")
-    s.add_argument("--data", default="lfw", help="lfw, celeba:PATH, folder:PATH or a prepared cache (default: lfw)")
-    s.add_argument("--size", type=int, default=64, help="image side after resizing (default 64)")
-    s.add_argument("--crop", type=int, default=148, help="CelebA center crop before resizing (default 148)")
-    s.add_argument("--split", choices=("official", "deck"), default="official",
-                   help="CelebA split: official train/valid/test or the deck's 70/30 (default official)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the deck split (the config key split_seed; default 0)")
+    s.add_argument("--data", default=d.data, help=f"lfw, celeba:PATH, folder:PATH or a prepared cache (default: "
+                                                  f"{d.data})")
+    s.add_argument("--size", type=int, default=d.image_size, help=f"image side after resizing (default {d.image_size})")
+    s.add_argument("--crop", type=int, default=d.crop, help=f"CelebA center crop before resizing (default {d.crop})")
+    s.add_argument("--split-scheme", "--split", dest="split_scheme", choices=SPLIT_SCHEMES, default=d.split_scheme,
+                   help=f"how CelebA is split: official train/valid/test or the deck's 70/30 (the config key "
+                        f"split_scheme; default {d.split_scheme})")
+    s.add_argument("--seed", type=int, default=d.split_seed,
+                   help=f"seed of the deck split (the config key split_seed; default {d.split_seed})")
     s.add_argument("--out", help="cache directory (default: under $FACEVAE_CACHE or ~/.cache/facevae)")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    s = sub.add_parser("train", help="train a VAE (resumes when --out is an existing run)")
+    s = sub.add_parser("train", help="train a VAE (resumes when --out is an existing run)",
+                       description=f"Train a VAE. Likelihoods (--set likelihood=NAME): {', '.join(LIKELIHOODS)}.")
     s.add_argument("--config", help="a TOML recipe, e.g. configs/lfw-faces.toml")
     s.add_argument("--data", help="data SPEC (overrides the config)")
     s.add_argument("--out", help="run directory (default: runs/<config name>)")
@@ -43,12 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _run_commands(sub: Any, d: "Config") -> None:
+    """The commands on trained runs: evaluate, sample, reconstruct, compare, summary."""
     s = sub.add_parser("evaluate", help="ELBO, importance-weighted NLL, bits/dim, PSNR, SSIM of a trained run")
     s.add_argument("run_dir")
     s.add_argument("--split", default="test", help="data split (default test)")
     s.add_argument("--iw-samples", type=int, default=1, help="K importance samples for -log p(x) (default 1: ELBO)")
     s.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
-    s.add_argument("--batch-size", type=int, default=256, help="images decoded at once (default 256)")
+    s.add_argument("--batch-size", type=int, default=d.eval_batch_size,
+                   help=f"images decoded at once (default {d.eval_batch_size}, the config's eval_batch_size)")
     s.add_argument("--device", help="auto, cpu or cuda (default: the run's config, as in training)")
     s.add_argument("--fid-weights", metavar="FILE",
                    help="Inception weights (inception-2015-12-05, torch-fidelity's .pth) for FID; needs facevae[fid]")
@@ -76,7 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir", nargs="?", help="a run directory (else the config's network)")
     s.add_argument("--config", help="a TOML recipe")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.version:
-            from facevae import __version__
+            from facevae.version import __version__
 
             print(__version__)
             return 0
@@ -109,7 +131,7 @@ def _print_json(obj: dict[str, Any]) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from facevae.data import prepare
 
-    path, manifest = prepare(args.data, size=args.size, crop=args.crop, split=args.split, seed=args.seed,
+    path, manifest = prepare(args.data, size=args.size, crop=args.crop, scheme=args.split_scheme, seed=args.seed,
                              out=args.out, progress=True)
     result = {"path": str(path), "images": manifest["images"],
               "splits": {k: v for k, v in manifest["splits"].items() if v}, "skipped": manifest.get("skipped", []),
@@ -125,20 +147,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from facevae.config import Config
-    from facevae.train import resolve_run_config, train
+    from facevae.run import Run
+    from facevae.train import train
 
-    out = Path(args.out) if args.out else Path("runs") / (Path(args.config).stem if args.config else "run")
+    run = Run(args.out or Path("runs") / (Path(args.config).stem if args.config else "run"))
     base = Config.from_toml(args.config) if args.config else None
     overrides = list(args.set)
     if args.data:
         overrides.append(f"data={json.dumps(args.data)}")
     if args.epochs is not None:
         overrides.append(f"epochs={args.epochs}")
-    config = resolve_run_config(out, base, overrides)
-    train(config, out, progress=not args.quiet)
+    config = run.resolve_config(base, overrides)
+    train(config, run, progress=not args.quiet)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
-        print(f"done: model in {out / 'model.safetensors'}, pictures in {out / 'images'}, metrics in "
-              f"{out / 'metrics.jsonl'}", file=sys.stderr)
+        print(f"done: model in {run.model_file}, pictures in {run.images_dir}, metrics in {run.metrics_file}",
+              file=sys.stderr)
     return 0
 
 
@@ -154,7 +177,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from facevae.images import sample_run
+    from facevae.run import sample_run
 
     path = sample_run(args.run_dir, n=args.n, seed=args.seed, out=args.out)
     print(f"wrote {args.n} samples to {path}", file=sys.stderr)
@@ -162,7 +185,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from facevae.images import reconstruct_run
+    from facevae.run import reconstruct_run
 
     path = reconstruct_run(args.run_dir, split=args.split, n=args.n, out=args.out)
     print(f"wrote real faces, each row followed by the row of their reconstructions, to {path}", file=sys.stderr)
@@ -183,7 +206,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     from facevae.model import network_summary
 
     if args.run_dir:
-        from facevae.checkpoint import load_run
+        from facevae.run import load_run
 
         config = load_run(args.run_dir).config
     else:

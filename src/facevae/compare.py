@@ -8,21 +8,19 @@ itself, so every figure comes with the settings it was computed under.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from facevae.errors import UserError
 from facevae.images import grid, save_png
+from facevae.model import VAE
+from facevae.pixels import to_float
+from facevae.run import Run
 
-if TYPE_CHECKING:
-    from facevae.model import VAE
-
-EVAL_FILE = "eval.json"
-PICTURE_KEYS = ("data", "image_size", "channels", "crop", "split")  # config keys the runs' pictures must share
+PICTURE_KEYS = ("data", "image_size", "channels", "crop", "split_scheme")  # config keys the runs' pictures share
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -67,24 +65,9 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
 
 
-def load_eval(run_dir: str | Path) -> dict[str, Any]:
+def load_eval(run: Run | str | Path) -> dict[str, Any]:
     """A run's eval.json; a UserError telling to run `facevae evaluate` when it is missing or unreadable."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    path = run_dir / EVAL_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no {EVAL_FILE}; run `facevae evaluate {run_dir}` first")
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is unreadable ({e}); run `facevae evaluate {run_dir}` again") from None
-    missing = [k for k in ("elbo_nats", "nll_iw_nats", "psnr_db", "likelihood")
-               if not isinstance(report, dict) or k not in report]
-    if missing:
-        raise UserError(f"{path} is not a facevae evaluation report (missing {missing}); "
-                        f"run `facevae evaluate {run_dir}` again")
-    return report
+    return Run(run).read_eval()
 
 
 def markdown_table(labels: list[str], reports: list[dict[str, Any]], *, stale: Sequence[str] = ()) -> str:
@@ -118,9 +101,9 @@ def markdown_table(labels: list[str], reports: list[dict[str, Any]], *, stale: S
     return "\n".join(lines + [""] + [f"Note: {n}." for n in notes]).rstrip() + "\n"
 
 
-def comparison_rows(vaes: list["VAE"], real: torch.Tensor) -> torch.Tensor:
+def comparison_rows(vaes: list[VAE], real: torch.Tensor) -> torch.Tensor:
     """The real uint8 images (n, C, H, W) and each model's reconstructions: ((1 + R) * n, C, H, W) in [0, 1]."""
-    x = real.float() / 255
+    x = to_float(real)
     return torch.cat([x] + [vae.reconstruct(x).cpu() for vae in vaes])
 
 
@@ -142,23 +125,19 @@ def labelled_grid(rows: torch.Tensor, labels: list[str], *, columns: int) -> Ima
     return canvas
 
 
-def compare_runs(run_dirs: list[str | Path], *, out: str | Path = "compare.png", n: int = 8,
+def compare_runs(runs: Sequence[Run | str | Path], *, out: str | Path = "compare.png", n: int = 8,
                  split: str = "test") -> tuple[str, Path]:
     """The runs' eval.json side by side as Markdown, and a PNG of the first n images of `split` above each run's
     reconstructions of them; return (table, png path). Runs must share data, image size and channels."""
-    from facevae.checkpoint import MODEL_FILE, load_run
-    from facevae.data import open_split_view
-
-    if not run_dirs:
+    if not runs:
         raise UserError("name at least one run directory")
     if n < 1:
         raise UserError(f"-n must be at least 1, got {n}")
-    run_dirs = [Path(d) for d in run_dirs]
-    reports = [load_eval(d) for d in run_dirs]
-    vaes = [load_run(d) for d in run_dirs]
-    labels = run_labels(run_dirs)
-    stale = [lab for lab, d in zip(labels, run_dirs)
-             if (d / MODEL_FILE).stat().st_mtime > (d / EVAL_FILE).stat().st_mtime]
+    runs = [Run(r) for r in runs]
+    reports = [r.read_eval() for r in runs]
+    vaes = [r.load_model() for r in runs]
+    labels = run_labels([r.path for r in runs])
+    stale = [label for label, r in zip(labels, runs) if r.eval_is_stale()]
     table = markdown_table(labels, reports, stale=stale)
     shapes = {tuple(getattr(v.config, k) for k in PICTURE_KEYS) for v in vaes}
     if len(shapes) > 1:
@@ -166,7 +145,7 @@ def compare_runs(run_dirs: list[str | Path], *, out: str | Path = "compare.png",
                               f"{v.config.data}" for lab, v in zip(labels, vaes))
         raise UserError(f"the runs were trained on different data, image size or channels ({described}); "
                         f"compare pictures only of runs on the same data")
-    real = open_split_view(vaes[0].config, split)[:n]  # (n, C, H, W) uint8, only these n read
+    real = runs[0].data(vaes[0].config, split)[:n]  # (n, C, H, W) uint8, only these n read
     if len(real) == 0:
         raise UserError(f"the '{split}' split has no images")
     picture = labelled_grid(comparison_rows(vaes, real), ["real"] + labels, columns=len(real))

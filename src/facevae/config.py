@@ -5,23 +5,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from facevae.distributions import LIKELIHOODS
 from facevae.errors import UserError
 
-LIKELIHOODS = (
-    "gaussian",  # fixed sigma (the deck's MSE decoder)
-    "gaussian_learned",  # one learned log-sigma shared by all pixels
-    "gaussian_optimal",  # analytic optimal sigma per batch (sigma-VAE)
-    "gaussian_optimal_per_image",  # analytic optimal sigma per image
-    "bernoulli",  # logits; binary cross-entropy (the deck's second decoder)
-    "continuous_bernoulli",  # the normalised Bernoulli on [0, 1]
-    "discretized_logistic",  # 256-bin likelihood of 8-bit data: directly a bits/dim figure
-)
 DEVICES = ("auto", "cpu", "cuda")
+SPLIT_SCHEMES = ("official", "deck")
+RENAMED = {"split": "split_scheme"}  # old key -> new key: old configs still load, with a one-line notice
 PRECISIONS = ("auto", "float32", "bf16", "fp16")
 
 
@@ -31,7 +26,7 @@ class Config:
 
     # --- data
     data: str = "lfw"  # a data SPEC: lfw, celeba:PATH, folder:PATH or a prepared cache
-    split: str = "official"  # how CelebA is split: official (train/valid/test) or deck (the deck's 70/30)
+    split_scheme: str = "official"  # how CelebA is split: official (train/valid/test) or deck (the deck's 70/30)
     split_seed: int = 0  # the seed of the deck's random 70/30 split (kept apart from `seed`: same split, any run)
     crop: int = 148  # center crop before resizing CelebA (148 as the PyTorch VAE repos; 140 and 128 also used)
     hflip: bool = False  # random horizontal flips during training (on the device)
@@ -40,7 +35,7 @@ class Config:
     channels: int = 3  # 1 for grey, 3 for RGB
     widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])  # encoder conv widths, k3 s2
     latent_dim: int = 128  # size of z
-    likelihood: str = "gaussian"  # the decoder's p(x|z); see LIKELIHOODS
+    likelihood: str = "gaussian"  # the decoder's p(x|z): a name in facevae.distributions.LIKELIHOODS
     sigma: float = 1.0  # the fixed sigma of likelihood = gaussian, in [0, 1] pixel units
     min_sigma: float = 1e-3  # lower bound on learned or optimal sigma (log sigma >= log(min_sigma))
     # --- objective
@@ -62,8 +57,7 @@ class Config:
     # --- hardware
     device: str = "auto"  # auto (cuda when present), cpu or cuda
     # auto: bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else float32; likelihood and
-    # KL sums stay float32. On the demo, bf16 reached the float32 test ELBO within 0.003 bits/dim (README, Results;
-    # `make test-slow` checks 0.02).
+    # KL sums stay float32 (how close bf16 comes to float32: README, Results).
     precision: str = "auto"
     threads: int = 0  # CPU threads for torch (0: torch's default)
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CPUs (oneDNN) and GPU tensor cores
@@ -96,8 +90,8 @@ class Config:
                 f"layers: use a multiple of {stride} (e.g. 32, 64, 128) or change 'widths'")
         if self.crop < 1:
             raise UserError(f"config key 'crop' must be at least 1, got {self.crop}")
-        for key, allowed in (("likelihood", LIKELIHOODS), ("device", DEVICES), ("precision", PRECISIONS),
-                             ("split", ("official", "deck"))):
+        for key, allowed in (("likelihood", tuple(LIKELIHOODS)), ("device", DEVICES), ("precision", PRECISIONS),
+                             ("split_scheme", SPLIT_SCHEMES)):
             if getattr(self, key) not in allowed:
                 raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{getattr(self, key)}'")
         return self
@@ -126,7 +120,7 @@ class Config:
         """A copy with `values` applied, each checked against the field's type."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         changes = {}
-        for key, value in values.items():
+        for key, value in _renamed(values, source).items():
             if key not in fields:
                 raise UserError(f"unknown config key '{key}' in {source}; known keys: {', '.join(fields)}")
             changes[key] = _coerce(key, value, getattr(self, key), source)
@@ -166,6 +160,16 @@ def parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+
+
+def _renamed(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Old key names mapped to their new ones, with a one-line notice on stderr for each."""
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old in out and new not in out:
+            print(f"facevae: note: config key '{old}' in {source} is now '{new}'; read as {new}", file=sys.stderr)
+            out[new] = out.pop(old)
+    return out
 
 
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:

@@ -57,8 +57,3 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_unit_float(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(B, C, H, W) uint8 -> float32 in [0, 1] on `device` (the conversion happens on the device)."""
-    return batch.to(device, non_blocking=True).float().div_(255)

@@ -7,9 +7,11 @@ Sums are taken in float32 at least, whatever precision the network ran in.
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -47,9 +49,14 @@ class DiagonalGaussian:
         """log q(z|x) in nats; z is (..., B, latent_dim) -> (..., B)."""
         return -0.5 * (((z - self.mean) / self.std) ** 2 + self.logvar + LOG_2PI).sum(-1)
 
+    def kl_per_dim(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per latent dimension in closed form, nats, (B, latent_dim):
+        -1/2 (1 + logvar - mean^2 - exp(logvar))."""
+        return -0.5 * (1 + self.logvar - self.mean**2 - self.logvar.exp())
+
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) in closed form, nats per image: -1/2 sum(1 + logvar - mean^2 - exp(logvar))."""
-        return -0.5 * (1 + self.logvar - self.mean**2 - self.logvar.exp()).sum(-1)
+        """KL(q || N(0, I)) in closed form, nats per image, (B,)."""
+        return self.kl_per_dim().sum(-1)
 
 
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
@@ -57,8 +64,21 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     return -0.5 * (z.float() ** 2 + LOG_2PI).sum(-1)
 
 
+class LikelihoodSettings(Protocol):
+    """The config keys a likelihood may read (facevae.config.Config has them)."""
+
+    sigma: float
+    min_sigma: float
+
+
 class Likelihood:
-    """p(x|z) for a batch of images. Subclasses set `support`, which decides how bits/dim are reported:
+    """p(x|z) for a batch of images, and everything about one choice of `likelihood` in the config.
+
+    A likelihood class declares its `name` (the config value; the LIKELIHOODS table at the end of this file maps
+    names to classes), `outputs_per_channel` (decoder outputs per image channel), `support`, `params` (the class of
+    the small nn.Module holding its own parameters, if any; the VAE keeps one as `vae.likelihood_params`) and
+    `from_decoder` (how it is built from the decoder's raw output and those parameters). `support` decides how
+    bits/dim are reported:
 
     - "continuous": a normalised density on [0, 1] (or on the real line): -log P(8-bit x) ~ -log p(x) + D ln 256
       (uniform dequantisation; exact as a bound for the dequantised expectation);
@@ -66,7 +86,20 @@ class Likelihood:
     - "none": not a normalised density of [0, 1] data (Bernoulli on grey levels): no bits/dim.
     """
 
-    support = "continuous"
+    name: ClassVar[str] = ""  # "" for a family class that is not itself a config choice
+    outputs_per_channel: ClassVar[int] = 1
+    support: ClassVar[str] = "continuous"
+
+    params: ClassVar[type[nn.Module] | None] = None  # the class of its own parameters (saved with the model)
+
+    @classmethod
+    def from_decoder(cls, raw: torch.Tensor, params: nn.Module | None, settings: LikelihoodSettings, *,
+                     training: bool) -> "Likelihood":
+        """The likelihood of a batch from the decoder's raw output (B, C * outputs_per_channel, H, W)."""
+        raise NotImplementedError
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Called by the VAE with the data of each training batch (updates running statistics); nothing by default."""
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -120,10 +153,16 @@ class Gaussian(Likelihood):
 class Bernoulli(Likelihood):
     """Independent Bernoullis with logits: log p = -BCE(logits, x). For x in (0, 1) a training objective, not a density."""
 
+    name = "bernoulli"  # logits; binary cross-entropy (the deck's second decoder)
     support = "none"
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
+
+    @classmethod
+    def from_decoder(cls, raw: torch.Tensor, params: nn.Module | None, settings: LikelihoodSettings, *,
+                     training: bool) -> "Likelihood":
+        return cls(raw)  # the raw outputs are the logits
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return -_sum_per_item(F.binary_cross_entropy_with_logits(self.logits.float(), x.float(), reduction="none"))
@@ -144,10 +183,16 @@ class ContinuousBernoulli(Likelihood):
     safe value so its gradient stays finite.
     """
 
+    name = "continuous_bernoulli"  # the normalised Bernoulli on [0, 1]
     TAYLOR_BELOW = 1e-2  # |eta| below which the Taylor series replaces the closed form (error O(eta^6) ~ 1e-13)
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
+
+    @classmethod
+    def from_decoder(cls, raw: torch.Tensor, params: nn.Module | None, settings: LikelihoodSettings, *,
+                     training: bool) -> "Likelihood":
+        return cls(raw)  # the raw outputs are the logits eta
 
     def log_normalizer(self) -> torch.Tensor:
         """log C per pixel, same shape as the logits."""
@@ -192,12 +237,20 @@ class DiscretizedLogistic(Likelihood):
     and log_prob is the log-probability of the 8-bit image itself: bits/dim need no dequantisation term.
     """
 
+    name = "discretized_logistic"  # 256-bin likelihood of 8-bit data: directly a bits/dim figure
+    outputs_per_channel = 2  # a location and a log-scale per pixel
     support = "discrete"
     HALF_BIN = 0.5 / 255
 
     def __init__(self, mu: torch.Tensor, log_scale: torch.Tensor, *, min_scale: float = 1e-3):
         self.mu = mu.float()
         self.log_scale = log_scale.float().clamp(min=math.log(min_scale))  # a bin is 1/255 = 3.9e-3 wide
+
+    @classmethod
+    def from_decoder(cls, raw: torch.Tensor, params: nn.Module | None, settings: LikelihoodSettings, *,
+                     training: bool) -> "Likelihood":
+        mu, log_scale = raw.chunk(2, dim=1)  # (B, C, H, W) each
+        return cls(torch.sigmoid(mu), log_scale, min_scale=settings.min_sigma)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -219,3 +272,102 @@ class DiscretizedLogistic(Likelihood):
         u = torch.rand_like(self.mu).clamp(1e-6, 1 - 1e-6)
         x = self.mu + torch.exp(self.log_scale) * (torch.log(u) - torch.log1p(-u))
         return torch.round(x.clamp(0, 1) * 255) / 255
+
+
+class GaussianFixed(Gaussian):
+    """The Gaussian with the config's fixed `sigma` (the deck's MSE decoder); mean sigmoid(raw)."""
+
+    name = "gaussian"
+
+    @classmethod
+    def from_decoder(cls, raw: torch.Tensor, params: nn.Module | None, settings: LikelihoodSettings, *,
+                     training: bool) -> "Likelihood":
+        return cls(torch.sigmoid(raw), math.log(settings.sigma))
+
+
+class LearnedSigma(nn.Module):
+    """One log-sigma shared by every pixel, learned with the network; starts at log(0.1) pixel units."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_sigma = nn.Parameter(torch.tensor(math.log(0.1)))
+
+
+class GaussianLearned(Gaussian):
+    """The Gaussian with one learned sigma, clamped below at min_sigma."""
+
+    name = "gaussian_learned"
+
+    params = LearnedSigma
+    @classmethod
+    def from_decoder(cls, raw: torch.Tensor, params: nn.Module | None, settings: LikelihoodSettings, *,
+                     training: bool) -> "Likelihood":
+        assert isinstance(params, LearnedSigma)
+        return cls(torch.sigmoid(raw), params.log_sigma.clamp(min=math.log(settings.min_sigma)))
+
+
+class RunningSigma(nn.Module):
+    """A running estimate of the batches' optimal log sigma (the mean of the first 100 batches, then momentum 0.01).
+
+    Training scores each batch with its own optimal sigma; a sigma computed from the x being scored would not make
+    p(x|z) a density of x, so evaluation (eval mode) uses this estimate instead, as BatchNorm does with its
+    statistics: a fixed sigma, a normalised density, per-image numbers.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("running_log_sigma", torch.tensor(0.0))
+        self.register_buffer("running_count", torch.tensor(0, dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, mean: torch.Tensor, x: torch.Tensor) -> None:
+        """Fold in one batch: its optimal log sigma, 1/2 log mean((x - mean)^2) over the whole batch."""
+        batch = 0.5 * torch.log(((x.float() - mean.float()) ** 2).mean().clamp(min=1e-12))
+        weight = torch.clamp(1.0 / (self.running_count.float() + 1), min=0.01)
+        self.running_log_sigma.lerp_(batch, weight)
+        self.running_count += 1
+
+
+class GaussianOptimal(Gaussian):
+    """sigma-VAE: sigma set to its analytic optimum over the batch while training, a running estimate of it in eval."""
+
+    name = "gaussian_optimal"
+    OPTIMAL = "batch"  # over what the optimum is taken: "batch" or "image"
+    running: RunningSigma | None = None
+
+    params = RunningSigma
+    @classmethod
+    def from_decoder(cls, raw: torch.Tensor, params: nn.Module | None, settings: LikelihoodSettings, *,
+                     training: bool) -> "Likelihood":
+        assert isinstance(params, RunningSigma)
+        mu = torch.sigmoid(raw)
+        if not training:
+            return cls(mu, params.running_log_sigma.clamp(min=math.log(settings.min_sigma)))
+        likelihood = cls(mu, optimal=cls.OPTIMAL, min_sigma=settings.min_sigma)
+        likelihood.running = params
+        return likelihood
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.running is not None:
+            self.running.update(self.mean, x)
+
+
+class GaussianOptimalPerImage(GaussianOptimal):
+    """sigma-VAE with the optimum taken per image while training."""
+
+    name = "gaussian_optimal_per_image"
+    OPTIMAL = "image"
+
+
+# The table of likelihoods: config name -> class. A new likelihood is one class above and one line here (or, from
+# outside the package, `LIKELIHOODS[MyLikelihood.name] = MyLikelihood`). It feeds config validation, the model,
+# evaluation, the command line's help and the Makefile's compare-demo.
+LIKELIHOODS: dict[str, type[Likelihood]] = {cls.name: cls for cls in (
+    GaussianFixed,  # fixed sigma (the deck's MSE decoder)
+    GaussianLearned,  # one learned log-sigma shared by all pixels
+    GaussianOptimal,  # analytic optimal sigma per batch (sigma-VAE)
+    GaussianOptimalPerImage,  # analytic optimal sigma per image
+    Bernoulli,  # logits; binary cross-entropy (the deck's second decoder)
+    ContinuousBernoulli,  # the normalised Bernoulli on [0, 1]
+    DiscretizedLogistic,  # 256-bin likelihood of 8-bit data: directly a bits/dim figure
+)}

@@ -11,3 +11,9 @@ class Interrupted(Exception):
     def __init__(self, exit_status: int):
         super().__init__(f"interrupted (exit status {exit_status})")
         self.exit_status = exit_status
+
+
+def first_line(error: BaseException, *, limit: int = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters), else its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

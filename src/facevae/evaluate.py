@@ -1,6 +1,6 @@
 """The metrics report: ELBO terms, the importance-weighted likelihood, bits/dim, PSNR, SSIM, MSE, active units, FID.
 
-Every likelihood figure states its unit and sign (shared/DESIGN.md, "CONTRACT: numbers").
+Every likelihood figure states its unit and its sign: nats per image, bits per dimension of 8-bit data.
 """
 
 from __future__ import annotations
@@ -12,67 +12,75 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from facevae.device import autocast, setup, to_unit_float
+import facevae.fid as fid
+from facevae.data import SplitView
+from facevae.device import autocast, setup
 from facevae.errors import UserError
+from facevae.metrics import bits_per_dim, iw_log_likelihood, mse, psnr, ssim
 from facevae.model import VAE
-from facevae.objectives import bits_per_dim, iw_log_likelihood, psnr
+from facevae.pixels import to_float
+from facevae.run import Run
+from facevae.version import __version__
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: unit u is active when Var_x(E_q[z_u | x]) > 0.01
 
 
+PER_IMAGE = ("elbo", "recon", "kl", "loss", "log_px", "mse", "psnr", "ssim")  # figures gathered per image, (N,)
+
+
 @torch.inference_mode()
-def evaluate(vae: VAE, images: torch.Tensor, *, iw_samples: int = 1, batch_size: int = 256,
+def evaluate(vae: VAE, images: torch.Tensor | SplitView, *, iw_samples: int = 1, batch_size: int = 256,
              device: torch.device | str = "cpu", precision: str = "float32", progress: bool = False) -> dict[str, Any]:
     """Evaluate `vae` (in eval mode) on uint8 images (N, C, H, W); return the report's numbers.
 
     Runs in inference mode under the given device and precision (autocast for the network; every likelihood and KL
-    sum in float32). No call decodes more than `batch_size` images at once, whatever `iw_samples` is: the bound
-    takes `group` images times `chunk` samples per decoder call, group * chunk <= batch_size.
+    sum in float32). The ELBO terms come from vae(x), the forward pass training uses. No call decodes more than
+    `batch_size` images at once, whatever `iw_samples` is: the bound takes `group` images times `chunk` samples per
+    decoder call, group * chunk <= batch_size.
     """
     if iw_samples < 1 or batch_size < 1:
         raise ValueError(f"iw_samples and batch_size must be at least 1, got {iw_samples} and {batch_size}")
     device = torch.device(device)
     vae.eval()
     n = len(images)
-    dims = images[0].numel()
-    latent_dim = vae.config.latent_dim
-    beta = vae.config.kl_weight
-    chunk = min(iw_samples, batch_size)  # samples per image per decoder call
-    group = max(1, batch_size // iw_samples)  # images per decoder call of the bound
-    per_image: dict[str, list[torch.Tensor]] = {k: [] for k in ("elbo", "recon", "kl", "log_px", "mse", "psnr",
-                                                                "ssim")}
+    per_image: dict[str, list[torch.Tensor]] = {k: [] for k in PER_IMAGE}
     posterior_means: list[torch.Tensor] = []  # (B, latent_dim) each: the active-unit statistic needs their variance
-    kl_dims = torch.zeros(latent_dim, dtype=torch.float64, device=device)  # summed over images, no host sync
+    kl_dims = torch.zeros(vae.config.latent_dim, dtype=torch.float64, device=device)  # summed, no host sync
     for start in tqdm(range(0, n, batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
-        x = to_unit_float(images[start:start + batch_size], device)  # (B, C, H, W) uint8 -> float in [0, 1]
+        x = to_float(images[start:start + batch_size], device)  # (B, C, H, W) uint8 -> float in [0, 1]
         with autocast(device, precision):
-            posterior = vae.encode(x)  # mean, logvar (B, latent_dim), float32
-            recon = vae.decode(posterior.sample()).log_prob(x)  # (B,) nats, summed in float32
-            kl = posterior.kl()  # (B,) nats
-            elbo = recon - kl  # (B,) nats
-            x_rec = vae.decode(posterior.mode()).mean.float().clamp(0, 1)  # (B, C, H, W): from the posterior mean
-            if iw_samples == 1:
-                log_px = elbo  # K = 1 is the ELBO estimate itself
-            else:  # (B,) nats; each call decodes len(x[i:i + group]) * chunk <= batch_size images
-                log_px = torch.cat([iw_log_likelihood(vae, x[i:i + group], iw_samples, chunk=chunk)
-                                    for i in range(0, len(x), group)])
-        per_image["elbo"].append(elbo)
-        per_image["recon"].append(recon)
-        per_image["kl"].append(kl)
-        per_image["log_px"].append(log_px.float())
-        per_image["mse"].append(((x_rec - x) ** 2).flatten(1).mean(1))
-        per_image["psnr"].append(psnr(x_rec, x))
-        per_image["ssim"].append(ssim(x_rec, x))
-        posterior_means.append(posterior.mean)
-        kl_dims += (-0.5 * (1 + posterior.logvar - posterior.mean**2 - posterior.logvar.exp())).double().sum(0)
+            terms = vae(x)  # elbo, recon, kl, loss per image (B,) nats; the posterior q(z|x)
+            x_rec = vae.decode(terms.posterior.mode()).mean.float().clamp(0, 1)  # (B, C, H, W): posterior mean
+            log_px = terms.elbo if iw_samples == 1 else _iw_bound(vae, x, iw_samples, batch_size)
+        figures = {"elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl, "loss": terms.loss_per_image,
+                   "log_px": log_px.float(), "mse": mse(x_rec, x), "psnr": psnr(x_rec, x), "ssim": ssim(x_rec, x)}
+        for k, v in figures.items():
+            per_image[k].append(v)
+        posterior_means.append(terms.posterior.mean)
+        kl_dims += terms.posterior.kl_per_dim().double().sum(0)
     # One transfer to the host at the end; means and variances in float64.
     v = {k: torch.cat(t).double().cpu() for k, t in per_image.items()}  # each (N,)
+    activity = torch.cat(posterior_means).double().var(0, correction=0).cpu()  # (latent_dim,): Var_x(E_q[z_u|x])
+    return _report(vae, v, activity, kl_dims.cpu() / n, dims=images[0].numel(), iw_samples=iw_samples)
+
+
+def _iw_bound(vae: VAE, x: torch.Tensor, iw_samples: int, batch_size: int) -> torch.Tensor:
+    """The importance-weighted bound of a batch, (B,) nats; each call decodes len(x[i:i + group]) * chunk <=
+    batch_size images."""
+    chunk = min(iw_samples, batch_size)  # samples per image per decoder call
+    group = max(1, batch_size // iw_samples)  # images per decoder call
+    return torch.cat([iw_log_likelihood(vae, x[i:i + group], iw_samples, chunk=chunk)
+                      for i in range(0, len(x), group)])
+
+
+def _report(vae: VAE, v: dict[str, torch.Tensor], activity: torch.Tensor, kl_per_dim: torch.Tensor, *, dims: int,
+            iw_samples: int) -> dict[str, Any]:
+    """The report's numbers from the per-image figures (N,) and the per-dimension statistics (latent_dim,)."""
+    n = len(v["elbo"])
     nll = -v["log_px"]  # (N,) nats per image
-    activity = torch.cat(posterior_means).double().var(0, correction=0).cpu()  # (latent_dim,): A_u = Var_x(E_q[z_u|x])
-    support = _support(vae)
+    support = vae.likelihood_type.support
     return {
         "elbo_nats": v["elbo"].mean().item(),
         "recon_nats": v["recon"].mean().item(),
@@ -82,85 +90,42 @@ def evaluate(vae: VAE, images: torch.Tensor, *, iw_samples: int = 1, batch_size:
         "iw_samples": iw_samples,
         "elbo_bpd": bits_per_dim(v["elbo"].mean().item(), dims, support),
         "nll_iw_bpd": bits_per_dim(-nll.mean().item(), dims, support),
-        "loss_nats": (beta * v["kl"] - v["recon"]).mean().item(),
-        "kl_weight": beta,
+        "loss_nats": v["loss"].mean().item(),
+        "kl_weight": vae.config.kl_weight,
         "psnr_db": v["psnr"].mean().item(),
         "ssim": v["ssim"].mean().item(),
         "mse": v["mse"].mean().item(),
         "active_units": int((activity > ACTIVE_UNIT_THRESHOLD).sum()),
-        "latent_dim": latent_dim,
-        "kl_per_dim_nats": [round(k, 6) for k in (kl_dims.cpu() / n).tolist()],
+        "latent_dim": vae.config.latent_dim,
+        "kl_per_dim_nats": [round(k, 6) for k in kl_per_dim.tolist()],
         "likelihood": vae.config.likelihood,
         "images": n,
         "dims": dims,
     }
 
 
-def _support(vae: VAE) -> str:
-    """The likelihood's support ("continuous", "discrete" or "none"), read off one decoded image."""
-    z = torch.zeros(1, vae.config.latent_dim, device=next(vae.parameters()).device)
-    return type(vae.decode(z)).support
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    return torch.outer(g, g)
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, window: int = 11) -> torch.Tensor:
-    """Structural similarity per image (B,), Gaussian window 11 / sigma 1.5 over the valid region, channels averaged.
-
-    The convention of Wang et al.'s reference code and scikit-image (gaussian_weights, population covariance);
-    torchmetrics' default mean also covers a reflect-padded border. Images smaller than the window use a window as
-    large as the image.
-    """
-    x, y = x.float(), y.float()
-    channels = x.shape[1]
-    size = min(window, x.shape[-1], x.shape[-2])
-    kernel = _gaussian_window(size).to(x.device).expand(channels, 1, size, size)
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=channels)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    vx = blur(x * x) - mx**2
-    vy = blur(y * y) - my**2
-    cxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1)
-
-
-def evaluate_run(run_dir: str | Path, *, split: str = "test", iw_samples: int = 1, limit: int | None = None,
+def evaluate_run(run: Run | str | Path, *, split: str = "test", iw_samples: int = 1, limit: int | None = None,
                  batch_size: int = 256, device: str | None = None, fid_weights: str | Path | None = None,
                  seed: int = 0) -> dict[str, Any]:
-    """Evaluate a run directory's model on a split of its data; write RUN_DIR/eval.json and return the report.
+    """Evaluate a run's model on a split of its data; write RUN_DIR/eval.json and return the report.
 
     Device, precision, memory layout and threads are the run's config choices, as in training (torch.compile is
     not used: evaluation batch shapes vary); `device` overrides the device. The random draws are seeded, so the same
     command gives the same numbers. FID is computed only when `fid_weights` names the Inception weights file and the
     `fid` extra is installed; otherwise the report's "fid_note" says how to get it.
     """
-    from facevae import __version__
-    from facevae import fid
-    from facevae.checkpoint import load_run
-    from facevae.fileio import atomic_write
-    from facevae.data import checked_cache, split_view
-
     if iw_samples < 1:
         raise UserError(f"--iw-samples must be at least 1, got {iw_samples}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    vae = load_run(run_dir)
+    run = Run(run)
+    vae = run.load_model()
     config = vae.config
     dev, precision = setup(config, device=device)  # the run's hardware choices, as in training
     vae = vae.to(dev)
     if config.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
-    cache = checked_cache(vae.config)
-    images = split_view(cache, split)  # read through the memory-mapped cache, never copied whole
+    images = run.data(config, split)  # read through the memory-mapped cache, never copied whole
     if limit is not None and not 1 <= limit <= len(images):
         raise UserError(f"--limit {limit} is outside 1..{len(images)} (the '{split}' split has {len(images)} images)")
     images = images.head(limit) if limit else images
@@ -180,18 +145,19 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", iw_samples: int = 
             report["fid_weights_sha256"] = fid.file_sha256(fid_weights)
         else:
             report["fid_note"] = fid_note
-    report.update({
-        "split": split,
-        "facevae_version": __version__,
-        "data": {"spec": vae.config.data, "source": cache.manifest.get("source"), "size": cache.manifest.get("size"),
-                 "crop": cache.manifest.get("crop"), "split_scheme": cache.manifest.get("split"),
-                 "manifest_sha256": hashlib.sha256(json.dumps(cache.manifest, sort_keys=True).encode()).hexdigest()},
-        "settings": {"iw_samples": iw_samples, "limit": limit, "batch_size": batch_size, "device": str(dev),
-                     "precision": precision, "channels_last": config.channels_last, "seed": seed,
-                     "fid_weights": str(Path(fid_weights).resolve()) if fid_weights else None},
-    })
-    atomic_write(Path(run_dir) / "eval.json", json.dumps(report, indent=2) + "\n")
+    report.update(split=split, facevae_version=__version__, data=_data_entry(config, images.manifest),
+                  settings={"iw_samples": iw_samples, "limit": limit, "batch_size": batch_size, "device": str(dev),
+                            "precision": precision, "channels_last": config.channels_last, "seed": seed,
+                            "fid_weights": str(Path(fid_weights).resolve()) if fid_weights else None})
+    run.write_eval(report)
     return report
+
+
+def _data_entry(config: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What data a report was computed on: the SPEC, the cache's settings and a digest of its manifest."""
+    return {"spec": config.data, "source": manifest.get("source"), "size": manifest.get("size"),
+            "crop": manifest.get("crop"), "split_scheme": manifest.get("split"),
+            "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()}
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
-from facevae.device import autocast, to_unit_float
-from facevae.errors import UserError
+from facevae.device import autocast
+from facevae.errors import UserError, first_line
+from facevae.pixels import to_float, to_uint8
 
 if TYPE_CHECKING:
     from facevae.model import VAE
@@ -97,15 +98,14 @@ def load_extractor(weights: str | Path, device: torch.device) -> tuple[FeatureEx
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except Exception as e:  # not installed, or torchvision present but broken for this torch build
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return None, (f"FID not computed: the optional extra is not usable ({type(e).__name__}: {reason}); install it "
+        return None, (f"FID not computed: the optional extra is not usable ({type(e).__name__}: {first_line(e)}); "
+                      f"install it "
                       f"with pip install 'facevae[fid]' where torchvision supports the installed torch")
     try:
         net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"--fid-weights {path} could not be loaded as the inception-2015-12-05 weights "
-                        f"({type(e).__name__}: {first[:120]}); use {WEIGHTS_FILE}") from None
+                        f"({type(e).__name__}: {first_line(e, limit=120)}); use {WEIGHTS_FILE}") from None
     net = net.to(device).eval()
 
     def extract(images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) uint8 -> (B, 2048) float32
@@ -127,8 +127,7 @@ def check_weights(path: Path) -> None:
     except OSError as e:
         raise UserError(f"--fid-weights {path}: cannot read it ({e.strerror or e})") from None
     except Exception as e:  # not a PyTorch file, or one holding more than tensors (refused, never executed)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--fid-weights {path} is not a PyTorch weights file of tensors ({first[:120]}); "
+        raise UserError(f"--fid-weights {path} is not a PyTorch weights file of tensors ({first_line(e, limit=120)}); "
                         f"use {WEIGHTS_FILE}") from None
     if not isinstance(state, dict):
         raise UserError(f"--fid-weights {path} holds a {type(state).__name__}, not a state dict; use {WEIGHTS_FILE}")
@@ -151,8 +150,7 @@ def file_sha256(path: str | Path) -> str:
 
 def _as_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) float in [0, 1] or uint8 -> uint8 (B, 3, H, W): rounded as a PNG would be, grey repeated."""
-    if images.dtype != torch.uint8:
-        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    images = to_uint8(images)
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
@@ -172,7 +170,7 @@ def fid_report(vae: "VAE", images: torch.Tensor, extractor: FeatureExtractor, *,
     generator = torch.Generator().manual_seed(seed)  # the prior draws, on the CPU so they match across devices
     for start in range(0, n, batch_size):
         batch = images[start:start + batch_size]  # (B, C, H, W) uint8
-        x = to_unit_float(batch, device)
+        x = to_float(batch, device)
         z = torch.randn(len(batch), vae.config.latent_dim, generator=generator).to(device)  # (B, latent_dim)
         with autocast(device, precision):
             x_rec = vae.decode(vae.encode(x).mode()).mean  # (B, C, H, W) in [0, 1]

@@ -1,9 +1,10 @@
 """The VAE: a convolutional Encoder, a mirrored Decoder, and the objective, in one file that reads top to bottom.
 
-The network follows the popular PyTorch VAE collection's vanilla conv VAE (shared/REFERENCES.md): k3 s2 convs with
+The network follows the popular PyTorch VAE collection's vanilla conv VAE: k3 s2 convs with
 BatchNorm and LeakyReLU, widths 32-64-128-256-512 at 64x64, latent 128, and a mirrored transposed-conv decoder.
 Unlike it, the decoder ends in raw parameters that the likelihood maps to its own range (sigmoid for a mean in
-[0, 1], logits for the Bernoulli): no tanh on [0, 1] data.
+[0, 1], logits for the Bernoulli): no tanh on [0, 1] data. The objective lives here too: `vae(x)` returns the ELBO
+terms, for training and evaluation alike.
 
 The model knows nothing of devices, files or the command line.
 """
@@ -11,21 +12,35 @@ The model knows nothing of devices, files or the command line.
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from facevae.config import Config
-from facevae.distributions import (
-    Bernoulli,
-    ContinuousBernoulli,
-    DiagonalGaussian,
-    DiscretizedLogistic,
-    Gaussian,
-    Likelihood,
-)
-from facevae import objectives
-from facevae.objectives import ELBO
+from facevae.distributions import LIKELIHOODS, DiagonalGaussian, Likelihood
+
+
+@dataclass
+class ELBO:
+    """The objective's terms, each (B,) in nats per image, and the scalar training loss (batch mean)."""
+
+    elbo: torch.Tensor  # recon - kl: a lower bound on log p(x)
+    recon: torch.Tensor  # E_q[log p(x|z)], one sample
+    kl: torch.Tensor  # KL(q(z|x) || N(0, I)), closed form
+    loss_per_image: torch.Tensor  # -recon + kl_weight * kl (the true -ELBO when kl_weight = 1)
+    loss: torch.Tensor  # the batch mean of loss_per_image: what training minimises
+    x_mean: torch.Tensor  # the mean of p(x|z) for the sampled z, (B, C, S, S): the reconstruction
+    posterior: DiagonalGaussian  # q(z|x): mean and logvar (B, latent_dim)
+
+
+def elbo(posterior: DiagonalGaussian, likelihood: Likelihood, x: torch.Tensor, *, kl_weight: float = 1.0) -> ELBO:
+    """ELBO = E_q[log p(x|z)] - KL(q || p), one sample of z, nats per image; loss = mean(-recon + kl_weight * kl)."""
+    recon = likelihood.log_prob(x)  # (B,)
+    kl = posterior.kl()  # (B,)
+    per_image = kl_weight * kl - recon
+    return ELBO(elbo=recon - kl, recon=recon, kl=kl, loss_per_image=per_image, loss=per_image.mean(),
+                x_mean=likelihood.mean, posterior=posterior)
 
 
 def down_block(cin: int, cout: int) -> nn.Sequential:
@@ -75,32 +90,20 @@ class Decoder(nn.Module):
         return self.to_params(self.features(h))
 
 
-OPTIMAL_SIGMA = {"gaussian_optimal": "batch", "gaussian_optimal_per_image": "image"}
-
-
-def params_per_channel(likelihood: str) -> int:
-    """How many decoder outputs each image channel needs for this likelihood."""
-    return 2 if likelihood == "discretized_logistic" else 1
-
-
 class VAE(nn.Module):
-    """Gaussian encoder q(z|x), standard normal prior p(z), decoder likelihood p(x|z)."""
+    """Gaussian encoder q(z|x), standard normal prior p(z), decoder likelihood p(x|z) (config.likelihood)."""
 
     def __init__(self, config: Config):
         super().__init__()
-        self.config = config
-        c = config
+        self.config = c = config
+        self.likelihood_type = LIKELIHOODS[c.likelihood]
         self.encoder = Encoder(c.channels, c.widths, c.image_size, c.latent_dim)
-        self.decoder = Decoder(c.channels, c.widths, c.image_size, c.latent_dim, params_per_channel(c.likelihood))
-        if c.likelihood == "gaussian_learned":
-            # One log-sigma shared by every pixel, learned with the network; starts at log(0.1) pixel units.
-            self.log_sigma = nn.Parameter(torch.tensor(math.log(0.1)))
-        if c.likelihood in OPTIMAL_SIGMA:
-            # Training scores each batch with its own optimal sigma; a sigma computed from the x being scored would
-            # not make p(x|z) a density of x, so evaluation (eval mode) uses this running estimate of it instead, as
-            # BatchNorm does with its statistics: a fixed sigma, a normalised density, per-image numbers.
-            self.register_buffer("running_log_sigma", torch.tensor(0.0))
-            self.register_buffer("running_count", torch.tensor(0, dtype=torch.long))
+        self.decoder = Decoder(c.channels, c.widths, c.image_size, c.latent_dim,
+                               self.likelihood_type.outputs_per_channel)
+        # The likelihood's own parameters (a learned sigma, a running sigma), or None; registered after the decoder
+        # so the optimiser's parameter order is encoder, decoder, likelihood.
+        params = self.likelihood_type.params
+        self.likelihood_params = params() if params is not None else None
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: float (B, C, S, S) in [0, 1] -> q(z|x)."""
@@ -109,25 +112,8 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> Likelihood:
         """z: (B, latent_dim) -> p(x|z)."""
-        h = self.decoder(z)
-        c = self.config
-        name = c.likelihood
-        if name == "gaussian":
-            return Gaussian(torch.sigmoid(h), math.log(c.sigma))
-        if name == "gaussian_learned":
-            return Gaussian(torch.sigmoid(h), self.log_sigma.clamp(min=math.log(c.min_sigma)))
-        if name in OPTIMAL_SIGMA:
-            if not self.training:
-                return Gaussian(torch.sigmoid(h), self.running_log_sigma.clamp(min=math.log(c.min_sigma)))
-            return Gaussian(torch.sigmoid(h), optimal=OPTIMAL_SIGMA[name], min_sigma=c.min_sigma)
-        if name == "bernoulli":
-            return Bernoulli(h)
-        if name == "continuous_bernoulli":
-            return ContinuousBernoulli(h)
-        if name == "discretized_logistic":
-            mu, log_scale = h.chunk(2, dim=1)
-            return DiscretizedLogistic(torch.sigmoid(mu), log_scale, min_scale=c.min_sigma)
-        raise ValueError(f"unknown likelihood {name!r}")
+        return self.likelihood_type.from_decoder(self.decoder(z), self.likelihood_params, self.config,
+                                                 training=self.training)
 
     def forward(self, x: torch.Tensor, *, kl_weight: float | None = None, eps: torch.Tensor | None = None) -> ELBO:
         """The ELBO terms of a batch x (B, C, S, S) in [0, 1], with one reparameterised sample per image.
@@ -136,17 +122,9 @@ class VAE(nn.Module):
         """
         posterior = self.encode(x)
         likelihood = self.decode(posterior.sample() if eps is None else posterior.mean + posterior.std * eps)
-        if self.training and self.config.likelihood in OPTIMAL_SIGMA:
-            self._track_sigma(likelihood.mean, x)
-        return objectives.elbo(posterior, likelihood, x, kl_weight=self.config.kl_weight if kl_weight is None else kl_weight)
-
-    @torch.no_grad()
-    def _track_sigma(self, mean: torch.Tensor, x: torch.Tensor) -> None:
-        """Running average of the batch's optimal log sigma (the mean of the first 100 batches, then momentum 0.01)."""
-        batch = 0.5 * torch.log(((x.float() - mean.float()) ** 2).mean().clamp(min=1e-12))
-        weight = torch.clamp(1.0 / (self.running_count.float() + 1), min=0.01)
-        self.running_log_sigma.lerp_(batch, weight)
-        self.running_count += 1
+        if self.training:
+            likelihood.observe(x)
+        return elbo(posterior, likelihood, x, kl_weight=self.config.kl_weight if kl_weight is None else kl_weight)
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:

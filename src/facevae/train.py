@@ -1,5 +1,9 @@
 """The one training loop: data on the device, Adam, logging, a test pass and pictures each epoch, checkpoints, resume.
 
+Where training stands is a TrainState (what the checkpoint stores); a Meter keeps the step's figures on the device;
+Trainer.guarded_step is the step (forward, backward, finite check, skipped update, BatchNorm restore); Trainer.fit is
+the epoch loop.
+
 Exact resume: the data order is a function of (seed, epoch) alone, every random draw of a step comes from the
 global RNG whose state is checkpointed, and a checkpoint records the position inside the epoch, so a run killed at
 any point and resumed sees the same batches and the same noise as an uninterrupted one.
@@ -13,12 +17,14 @@ batch B follow the trajectory of one process with batch k*B. Rank 0 alone writes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import random
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,38 +33,80 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from facevae import checkpoint as ckpt
-from facevae import images as pictures
+import facevae.checkpoint as ckpt
 from facevae.config import Config
 from facevae.data import SplitView, checked_cache, split_view
-from facevae.device import autocast, setup, to_unit_float
+from facevae.device import autocast, setup
 from facevae.distributed import World, sync_batchnorm
-from facevae.errors import Interrupted, UserError
+from facevae.errors import Interrupted, UserError, first_line
 from facevae.evaluate import evaluate
 from facevae.fileio import atomic_write
-from facevae.model import VAE
-from facevae.objectives import psnr
+from facevae.metrics import psnr
+from facevae.model import ELBO, VAE
+from facevae.pixels import to_float
+from facevae.run import Run, save_epoch_pictures
 
-# Keys that fix the network's shape: a resumed run cannot change them.
-ARCHITECTURE_KEYS = ("image_size", "channels", "widths", "latent_dim", "likelihood")
 TRAIN_TERMS = ("loss", "elbo", "recon", "kl", "psnr")
+TEST_TERMS = ("elbo_nats", "recon_nats", "kl_nats", "elbo_bpd", "psnr_db", "mse")  # of the epoch's test pass
 
 
-def resolve_run_config(run_dir: Path, base: Config | None, overrides: list[str]) -> Config:
-    """The run's config: defaults < config file (else the run's saved config.toml when resuming) < overrides.
+@dataclass
+class TrainState:
+    """Where training stands: what the checkpoint's state.json stores besides weights, optimiser and RNG states."""
 
-    A run that has a checkpoint keeps its network: changing an architecture key is refused.
-    """
-    saved_path = Path(run_dir) / "config.toml"
-    saved = Config.from_toml(saved_path) if saved_path.is_file() else None
-    config = (base or saved or Config()).with_overrides(overrides).validate()
-    if saved is not None and ckpt.has_checkpoint(Path(run_dir)):
-        changed = [k for k in ARCHITECTURE_KEYS if getattr(config, k) != getattr(saved, k)]
-        if changed:
-            raise UserError(f"{run_dir} was trained with other {', '.join(changed)} "
-                            f"({', '.join(f'{k} = {getattr(saved, k)}' for k in changed)}); "
-                            f"use a new --out to train a different network")
-    return config
+    global_batch: int  # images per step over all processes
+    step: int = 0  # batches processed in all (a skipped non-finite batch counts)
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # global batches done in the current epoch
+    bad_steps: int = 0  # non-finite steps in a row, as of the last sync
+    skipped: int = 0  # non-finite steps skipped in all, as of the last sync
+    sums: list[float] = field(default_factory=lambda: [0.0] * len(TRAIN_TERMS))  # this epoch's good steps' terms
+    count: int = 0  # good steps of this epoch behind `sums`
+    seen: int = 0  # images of this epoch
+    seconds: float = 0.0  # training time of this epoch
+
+    @classmethod
+    def resumed(cls, saved: dict[str, Any], global_batch: int) -> "TrainState":
+        """The state a checkpoint saved; another world size or batch resumes after the same images."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"global_batch"}
+        state = cls(global_batch, **{k: saved[k] for k in names if k in saved})
+        state.batch = state.batch * saved.get("global_batch", global_batch) // global_batch
+        return state
+
+    def start_epoch(self) -> None:
+        """Clear what counts within an epoch (after the epoch's record was taken)."""
+        self.batch, self.sums, self.count, self.seen, self.seconds = 0, [0.0] * len(TRAIN_TERMS), 0, 0, 0.0
+
+
+class Meter:
+    """The epoch's sums of TRAIN_TERMS over good steps and the step tallies, kept on the device: the training step
+    never waits for it; sync() reads it into the TrainState at log steps, checkpoints and the epoch's end."""
+
+    def __init__(self, state: TrainState, device: torch.device):
+        self.sums = torch.tensor(state.sums, device=device)
+        self.tally = torch.tensor([0.0, 0.0, float(state.bad_steps)], device=device)  # good, bad, bad in a row
+
+    @torch.no_grad()
+    def add(self, terms: ELBO, x: torch.Tensor, ok: torch.Tensor) -> None:
+        """Count one step; its terms only when `ok` (a device 0/1) says the step was finite."""
+        values = torch.stack([terms.loss, terms.elbo.mean(), terms.recon.mean(), terms.kl.mean(),
+                              psnr(terms.x_mean, x).mean()]).float()
+        self.sums += torch.where(ok > 0, values, torch.zeros_like(values))
+        self.tally[0] += ok
+        self.tally[1] += 1 - ok
+        self.tally[2] = (self.tally[2] + 1) * (1 - ok)  # resets to 0 on a good step
+
+    def sync(self, state: TrainState) -> None:
+        """Read the device's tallies into `state` (a host sync)."""
+        good, bad, in_a_row = self.tally.tolist()
+        self.tally[:2] = 0
+        state.count, state.skipped, state.bad_steps = state.count + int(good), state.skipped + int(bad), int(in_a_row)
+        state.sums = self.sums.tolist()
+
+    def means(self, state: TrainState, world: World) -> dict[str, float]:
+        """The epoch's mean terms over all processes' good steps (after sync)."""
+        total = world.sum(self.sums.clone()) / world.size / max(state.count, 1)
+        return dict(zip(TRAIN_TERMS, total.tolist()))
 
 
 def seed_everything(seed: int) -> None:
@@ -89,7 +137,7 @@ def load_data(config: Config, *, progress: bool = True) -> tuple[SplitView, Spli
     held_out = [n for n in ("test", "valid") if cache.manifest.get("splits", {}).get(n)]
     if not held_out:
         _say("the data has no test or valid split: no test pass each epoch")
-    return train, split_view(cache, held_out[0]) if held_out else SplitView(train.images, train.index[:0])
+    return train, split_view(cache, held_out[0]) if held_out else train.head(0)
 
 
 class GracefulStop:
@@ -138,10 +186,9 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def train(config: Config, run_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; return the last epoch's record."""
+def train(config: Config, run_dir: str | Path | Run, *, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; return the last record (kind "epoch", or "max_steps")."""
     config.validate()
-    run_dir = Path(run_dir)
     world = World.from_env()
     device, precision = setup(config)
     if device.type == "cuda" and world.size > 1:
@@ -151,209 +198,236 @@ def train(config: Config, run_dir: str | Path, *, progress: bool = True) -> dict
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
     world.init(device)
     try:
-        return _train(config, run_dir, world, device, precision, progress=progress and world.is_main)
+        return Trainer(config, Run(run_dir), world, device, precision, progress=progress and world.is_main).fit()
     finally:
         world.close()
 
 
-def _train(config: Config, run_dir: Path, world: World, device: torch.device, precision: str, *,
-           progress: bool) -> dict[str, Any]:
-    say = _say if world.is_main else (lambda message: None)
-    if world.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(run_dir / "config.toml", config.to_toml())
-        except OSError as e:
-            raise UserError(f"cannot write to run directory {run_dir}: {e.strerror or e}; "
-                            f"choose a writable --out") from None
-    seed_everything(config.seed)
-    if not world.is_main:
-        world.barrier()  # rank 0 prepares the data first; the others then open the finished cache
-    train_images, test_images = load_data(config, progress=progress)
-    if world.is_main:
-        world.barrier()
-    # uint8 on the device (4x smaller than float, converted per batch there); on the CPU the memory-mapped cache itself
-    train_images = train_images.to(device)
+class Trainer:
+    """One training run: the model, its optimiser, the data on the device, the state, and the loop."""
 
-    vae = VAE(config).to(device)
-    if world.size > 1:  # before the optimiser is built: it must hold the new BatchNorm's parameters
-        vae = sync_batchnorm(vae, device)
-    if config.channels_last:
-        vae = vae.to(memory_format=torch.channels_last)
-    optimizer = _adam(vae, config)
-    # fp16 needs loss scaling against underflow; for float32 and bf16 the scaler is disabled and every call a no-op.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    global_batch = config.batch_size * world.size
-    # step: batches processed (a skipped non-finite batch counts); count: good steps of this epoch, behind `sums`.
-    state: dict[str, Any] = {"global_batch": global_batch, "step": 0, "epoch": 0, "batch": 0, "bad_steps": 0,
-                             "skipped": 0, "sums": [0.0] * len(TRAIN_TERMS), "count": 0, "seen": 0, "seconds": 0.0}
-    if ckpt.has_checkpoint(run_dir):
-        saved = ckpt.load_checkpoint(run_dir, vae, optimizer)
-        for group in optimizer.param_groups:  # a flag may have changed these for the rest of the run
-            group["lr"], group["weight_decay"] = config.learning_rate, config.weight_decay
-        state.update({k: saved[k] for k in state if k in saved and k != "global_batch"})
-        if saved.get("scaler"):
-            scaler.load_state_dict(saved["scaler"])
-        if saved.get("global_batch", global_batch) != global_batch:  # another world size or batch: same images done
-            state["batch"] = state["batch"] * saved["global_batch"] // global_batch
-        say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=world.is_main)
-    log.truncate_after(state["step"])
-    log.write({"kind": "run", "step": state["step"], "device": str(device), "precision": precision,
-               "processes": world.size, "channels_last": config.channels_last, "compile": config.compile,
-               "torch": torch.__version__, "threads": torch.get_num_threads()})
-
-    model: torch.nn.Module = vae
-    buffers = list(vae.buffers())
-    if world.size > 1:
-        model = DistributedDataParallel(vae,
-                                        device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        model = torch.compile(model)
-    n = len(train_images)
-    nb = batches_per_epoch(n, global_batch, world.size)
-    if nb == 0:
-        raise UserError(f"batch_size {config.batch_size} x {world.size} process(es) is larger than the {n} "
-                        f"training images; lower batch_size")
-    fixed_test = test_images[: config.image_count] if len(test_images) else train_images[: config.image_count].cpu()
-    say(f"training {run_dir}: {config.likelihood} likelihood, data {config.data} ({n} train / {len(test_images)} "
-        f"test images), {config.epochs} epochs of {nb} steps, {world.size} process(es), {device}, {precision}")
-    if state["epoch"] >= config.epochs:
-        say(f"{run_dir} has already trained {state['epoch']} epoch(s) (epochs = {config.epochs}); "
-            f"raise --epochs to train further")
-    record: dict[str, Any] = {}
-
-    def save_checkpoint(*, with_model: bool = False) -> None:
-        """The checkpoint, and (with_model) the run's model file from the same serialised weights; rank 0 only."""
+    def __init__(self, config: Config, run: Run, world: World, device: torch.device, precision: str, *,
+                 progress: bool):
+        self.config, self.run, self.world, self.device, self.precision = config, run, world, device, precision
+        self.progress = progress
+        if world.is_main:
+            run.write_config(config)
+        seed_everything(config.seed)
         if not world.is_main:
+            world.barrier()  # rank 0 prepares the data first; the others then open the finished cache
+        train_images, self.test_images = load_data(config, progress=progress)
+        if world.is_main:
+            world.barrier()
+        # uint8 on the device (4x smaller than float, converted per batch there); on the CPU the memory-mapped cache
+        self.train_images = train_images.to(device)
+        self.vae = self._build_model()
+        self.optimizer = _adam(self.vae, config)
+        # fp16 needs loss scaling against underflow; for float32 and bf16 the scaler is disabled, every call a no-op.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.state = self._resume(TrainState(global_batch=config.batch_size * world.size))
+        self.buffers = list(self.vae.buffers())  # BatchNorm statistics etc.: restored after a skipped step
+        self.model: torch.nn.Module = self.vae
+        if world.size > 1:
+            self.model = DistributedDataParallel(self.vae, device_ids=[device.index] if device.type == "cuda" else None)
+        if config.compile:
+            self.model = torch.compile(self.model)
+        self.n = len(self.train_images)
+        self.steps_per_epoch = batches_per_epoch(self.n, self.state.global_batch, world.size)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"batch_size {config.batch_size} x {world.size} process(es) is larger than the {self.n} "
+                            f"training images; lower batch_size")
+        self.log = MetricsLog(run.metrics_file, enabled=world.is_main)
+        self.log.truncate_after(self.state.step)
+        self.meter = Meter(self.state, device)
+        self.clock = time.perf_counter()  # the epoch's start, less the seconds it ran before a resume
+
+    def _build_model(self) -> VAE:
+        vae = VAE(self.config).to(self.device)
+        if self.world.size > 1:  # before the optimiser is built: it must hold the new BatchNorm's parameters
+            vae = sync_batchnorm(vae, self.device)
+        if self.config.channels_last:
+            vae = vae.to(memory_format=torch.channels_last)
+        return vae
+
+    def _resume(self, state: TrainState) -> TrainState:
+        """The checkpoint's state (model, optimiser, scaler and RNGs restored), or `state` for a new run."""
+        if not ckpt.has_checkpoint(self.run.path):
+            return state
+        saved = ckpt.load_checkpoint(self.run.path, self.vae, self.optimizer)
+        for group in self.optimizer.param_groups:  # a flag may have changed these for the rest of the run
+            group["lr"], group["weight_decay"] = self.config.learning_rate, self.config.weight_decay
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        state = TrainState.resumed(saved, state.global_batch)
+        self.say(f"resuming {self.run} at epoch {state.epoch + 1}, step {state.step}")
+        return state
+
+    def say(self, message: str) -> None:
+        if self.world.is_main:
+            _say(message)
+
+    # ------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs; return the last record."""
+        c, s = self.config, self.state
+        self.log.write({"kind": "run", "step": s.step, "device": str(self.device), "precision": self.precision,
+                        "processes": self.world.size, "channels_last": c.channels_last, "compile": c.compile,
+                        "torch": torch.__version__, "threads": torch.get_num_threads()})
+        self.say(f"training {self.run}: {c.likelihood} likelihood, data {c.data} ({self.n} train / "
+                 f"{len(self.test_images)} test images), {c.epochs} epochs of {self.steps_per_epoch} steps, "
+                 f"{self.world.size} process(es), {self.device}, {self.precision}")
+        if s.epoch >= c.epochs:
+            self.say(f"{self.run} has already trained {s.epoch} epoch(s) (epochs = {c.epochs}); "
+                     f"raise --epochs to train further")
+        record = self._record("epoch")
+        with GracefulStop() as stop:
+            for epoch in range(s.epoch, c.epochs):
+                if not self._epoch(epoch, stop):
+                    return self._record("max_steps")
+                record = self._end_epoch(epoch)
+        self.world.barrier()
+        return record
+
+    def _epoch(self, epoch: int, stop: GracefulStop) -> bool:
+        """The steps of one epoch from where the state stands; False when max_steps stopped it."""
+        c, s = self.config, self.state
+        self.model.train()
+        order = epoch_order(self.n, seed=c.seed, epoch=epoch).to(self.device)
+        self.meter = Meter(s, self.device)
+        self.clock = time.perf_counter() - s.seconds
+        bar = tqdm(total=self.steps_per_epoch, initial=s.batch, desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch",
+                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
+        with contextlib.closing(bar):
+            for b in range(s.batch, self.steps_per_epoch):
+                x, eps, images = self._batch(order, b)
+                kl_weight = c.kl_weight * _warmup(s.step, c.kl_warmup_steps)
+                terms, ok = self.guarded_step(x, eps, kl_weight)
+                self.meter.add(terms, x, ok)
+                s.step, s.seen, s.batch = s.step + 1, s.seen + images, b + 1
+                bar.update(1)
+                # One process stops at the step the signal arrives; several agree at their next log step (the
+                # agreement is a host sync, kept out of the other steps).
+                stopping = stop.requested is not None and self.world.size == 1
+                if s.step % c.log_every == 0:
+                    stopping = self._log_step(epoch, kl_weight, stop, bar)
+                at_max = bool(c.max_steps) and s.step >= c.max_steps
+                if stopping or at_max or (c.checkpoint_every and s.step % c.checkpoint_every == 0):
+                    self._sync()
+                    self._save_checkpoint(with_model=stopping or at_max)  # a stopped run's model is its latest
+                if stopping:
+                    self._stop(stop)
+                if at_max:
+                    self.say(f"reached max_steps = {c.max_steps}; checkpoint saved in {self.run}")
+                    return False
+        return True
+
+    def _batch(self, order: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Step b's images of this process as float (B, C, H, W) on the device, their noise eps (B, latent_dim), and
+        the number of images of the global batch."""
+        c, world, device = self.config, self.world, self.device
+        batch_idx = order[b * self.state.global_batch:(b + 1) * self.state.global_batch]
+        size = len(batch_idx) // world.size
+        mine = slice(world.rank * size, (world.rank + 1) * size)
+        x = to_float(self.train_images[batch_idx[mine]], device)
+        if c.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # Noise for the whole global batch on every rank (RNGs stay in step), then this rank's slice.
+        flip = torch.rand(len(batch_idx), device=device)[mine] < 0.5 if c.hflip else None
+        eps = torch.randn(len(batch_idx), c.latent_dim, device=device)[mine]
+        if flip is not None:
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return x, eps, len(batch_idx)
+
+    def guarded_step(self, x: torch.Tensor, eps: torch.Tensor, kl_weight: float) -> tuple[ELBO, torch.Tensor]:
+        """Forward, backward and update, without a host sync; a non-finite loss or gradient (on any rank) skips the
+        update and restores the buffers its forward pass changed. Returns the terms and ok (a device 0/1)."""
+        buffers_before = [buf.clone() for buf in self.buffers]  # BatchNorm statistics etc.: a few KB
+        with autocast(self.device, self.precision), _compile_errors(self.config.compile):
+            terms = self.model(x, kl_weight=kl_weight, eps=eps)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(terms.loss).backward()
+        self.scaler.unscale_(self.optimizer)  # true gradients (fp16 only)
+        ok = _finite(terms.loss, self.vae, self.world)  # 1.0 when the loss and every gradient are finite
+        _step(self.optimizer, self.scaler, ok)  # a non-finite batch is skipped: no update, counted
+        with torch.no_grad():  # ... and leaves no trace in the buffers its forward pass updated
+            for buf, old in zip(self.buffers, buffers_before):
+                buf.copy_(torch.where(ok > 0, buf, old))
+        return terms, ok
+
+    # ------------------------------------------------------------ sync points: logging, checkpoints, epoch ends
+    def _sync(self) -> None:
+        """Read the device's tallies into the state; stop when too many non-finite steps came in a row."""
+        s = self.state
+        self.meter.sync(s)
+        s.seconds = time.perf_counter() - self.clock
+        if s.bad_steps >= self.config.max_bad_steps:
+            raise UserError(f"the loss or its gradient was not finite for {s.bad_steps} steps in a row (up to step "
+                            f"{s.step}); lower learning_rate or check the data; the last good checkpoint is in "
+                            f"{self.run}")
+
+    def _log_step(self, epoch: int, kl_weight: float, stop: GracefulStop, bar: tqdm) -> bool:
+        """Write a step record; return whether any process was asked to stop."""
+        s = self.state
+        self._sync()
+        stopping = self.world.any(stop.requested is not None, self.device)
+        means = self.meter.means(s, self.world)
+        self.log.write({"kind": "step", "step": s.step, "epoch": epoch + 1,
+                        **{f"train_{k}": v for k, v in means.items()}, "kl_weight": kl_weight,
+                        "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": s.skipped,
+                        "img_per_s": s.seen / (time.perf_counter() - self.clock)})
+        bar.set_postfix(loss=f"{means['loss']:.1f}", psnr=f"{means['psnr']:.2f}dB")
+        return stopping
+
+    def _stop(self, stop: GracefulStop) -> None:
+        name = stop.requested or "a signal to another process"
+        self.say(f"stopped by {name} at step {self.state.step}; checkpoint saved. "
+                 f"Resume with: facevae train --out {self.run}")
+        raise Interrupted(130 if stop.requested == "SIGINT" else 143)
+
+    def _save_checkpoint(self, *, with_model: bool) -> None:
+        """The checkpoint, and (with_model) the run's model file from the same serialised weights; rank 0 only."""
+        if not self.world.is_main:
             return
         try:
-            weights = ckpt.model_bytes(vae)
+            weights = ckpt.model_bytes(self.vae)
             if with_model:
-                ckpt.save_model(vae, run_dir / ckpt.MODEL_FILE, data=weights)
-            ckpt.save_checkpoint(run_dir, vae, optimizer, {**state, "scaler": scaler.state_dict()}, model=weights)
+                ckpt.save_model(self.vae, self.run.model_file, data=weights)
+            ckpt.save_checkpoint(self.run.path, self.vae, self.optimizer,
+                                 {**dataclasses.asdict(self.state), "scaler": self.scaler.state_dict()}, model=weights)
         except OSError as e:
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-            raise UserError(f"could not write a checkpoint at step {state['step']} ({why}); the previous "
-                            f"checkpoint in {run_dir} is intact: free space and run the same command to resume") from None
+            raise UserError(f"could not write a checkpoint at step {self.state.step} ({why}); the previous checkpoint "
+                            f"in {self.run} is intact: free space and run the same command to resume") from None
 
-    with GracefulStop() as stop:
-        for epoch in range(state["epoch"], config.epochs):
-            model.train()
-            order = epoch_order(n, seed=config.seed, epoch=epoch).to(device)
-            # Everything a step measures stays on the device and is read at sync points (logging, checkpoints,
-            # epoch end): the training step itself never waits for the GPU.
-            sums = torch.tensor(state["sums"], device=device)
-            tally = torch.tensor([0.0, 0.0, float(state["bad_steps"])], device=device)  # good, bad, bad in a row
+    def _record(self, kind: str, test: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Where training stands, as one record (after a sync): train means, test figures, speed."""
+        s = self.state
+        return {"kind": kind, "epoch": s.epoch, "step": s.step,
+                **{f"train_{k}": v for k, v in self.meter.means(s, self.world).items()},
+                **{f"test_{k}": (test or {})[k] for k in TEST_TERMS if k in (test or {})},
+                "skipped_steps": s.skipped, "img_per_s": s.seen / s.seconds if s.seconds > 0 else None,
+                "seconds": s.seconds}
 
-            def sync() -> None:
-                """Read the device's tallies into `state`; stop when too many non-finite steps came in a row."""
-                good, bad, in_a_row = tally.tolist()
-                tally[:2] = 0
-                state.update(count=state["count"] + int(good), skipped=state["skipped"] + int(bad),
-                             bad_steps=int(in_a_row), sums=sums.tolist(), seconds=time.perf_counter() - t0)
-                if in_a_row >= config.max_bad_steps:
-                    raise UserError(
-                        f"the loss or its gradient was not finite for {int(in_a_row)} steps in a row (up to step "
-                        f"{state['step']}); lower learning_rate or check the data; the last good checkpoint is in "
-                        f"{run_dir}")
-
-            t0 = time.perf_counter() - state["seconds"]
-            bar = tqdm(total=nb, initial=state["batch"], desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                       disable=not progress, file=sys.stderr, dynamic_ncols=True)
-            for b in range(state["batch"], nb):
-                batch_idx = order[b * global_batch:(b + 1) * global_batch]
-                size = len(batch_idx) // world.size
-                mine = slice(world.rank * size, (world.rank + 1) * size)
-                x = to_unit_float(train_images[batch_idx[mine]], device)
-                if config.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                # Noise for the whole global batch on every rank (RNGs stay in step), then this rank's slice.
-                flip = torch.rand(len(batch_idx), device=device)[mine] < 0.5 if config.hflip else None
-                eps = torch.randn(len(batch_idx), config.latent_dim, device=device)[mine]
-                if flip is not None:
-                    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-                kl_weight = config.kl_weight * _warmup(state["step"], config.kl_warmup_steps)
-                buffers_before = [buf.clone() for buf in buffers]  # BatchNorm statistics etc.: a few KB
-                with autocast(device, precision), _compile_errors(config.compile):
-                    terms = model(x, kl_weight=kl_weight, eps=eps)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(terms.loss).backward()
-                scaler.unscale_(optimizer)  # true gradients (fp16 only)
-                ok = _finite(terms.loss, vae, world)  # on the device: 1.0 when the loss and every gradient are finite
-                _step(optimizer, scaler, ok)  # a non-finite batch is skipped: no update, counted
-                with torch.no_grad():  # ... and leaves no trace in the buffers its forward pass updated
-                    for buf, old in zip(buffers, buffers_before):
-                        buf.copy_(torch.where(ok > 0, buf, old))
-                with torch.no_grad():
-                    values = torch.stack([terms.loss, terms.elbo.mean(), terms.recon.mean(), terms.kl.mean(),
-                                          psnr(terms.x_mean, x).mean()]).float()
-                    sums += torch.where(ok > 0, values, torch.zeros_like(values))
-                    tally[0] += ok
-                    tally[1] += 1 - ok
-                    tally[2] = (tally[2] + 1) * (1 - ok)  # resets to 0 on a good step
-                state["step"] += 1
-                state["seen"] += len(batch_idx)
-                state["batch"] = b + 1
-                bar.update(1)
-                # A single process stops at the step the signal arrives; several agree at their next log step (the
-                # agreement is a host sync, kept out of the other steps).
-                stopping = stop.requested is not None if world.size == 1 else False
-                if state["step"] % config.log_every == 0:
-                    sync()
-                    stopping = world.any(stop.requested is not None, device)
-                    means = dict(zip(TRAIN_TERMS, (world.sum(sums.clone()) / world.size / max(state["count"], 1)).tolist()))
-                    rate = state["seen"] / (time.perf_counter() - t0)
-                    log.write({"kind": "step", "step": state["step"], "epoch": epoch + 1,
-                               **{f"train_{k}": v for k, v in means.items()}, "kl_weight": kl_weight,
-                               "lr": optimizer.param_groups[0]["lr"], "skipped_steps": state["skipped"],
-                               "img_per_s": rate})
-                    bar.set_postfix(loss=f"{means['loss']:.1f}", psnr=f"{means['psnr']:.2f}dB")
-                ckpt_now = config.checkpoint_every and state["step"] % config.checkpoint_every == 0
-                at_max = config.max_steps and state["step"] >= config.max_steps
-                if stopping or ckpt_now or at_max:
-                    sync()
-                    save_checkpoint(with_model=bool(stopping or at_max))  # a stopped run's model is its latest
-                if stopping:
-                    bar.close()
-                    name = stop.requested or "a signal to another process"
-                    say(f"stopped by {name} at step {state['step']}; checkpoint saved. "
-                        f"Resume with: facevae train --out {run_dir}")
-                    raise Interrupted(130 if stop.requested == "SIGINT" else 143)
-                if at_max:
-                    bar.close()
-                    say(f"reached max_steps = {config.max_steps}; checkpoint saved in {run_dir}")
-                    return {"kind": "max_steps", "step": state["step"], "epoch": epoch,
-                            "img_per_s": state["seen"] / (time.perf_counter() - t0)}
-            sync()
-            bar.close()
-            elapsed = time.perf_counter() - t0
-            means = dict(zip(TRAIN_TERMS, (world.sum(sums.clone()) / world.size / max(state["count"], 1)).tolist()))
-            seen = state["seen"]
-            state.update(epoch=epoch + 1, batch=0, sums=[0.0] * len(TRAIN_TERMS), count=0, seen=0, seconds=0.0)
-
-            vae.eval()
-            test = evaluate(vae, test_images, batch_size=config.eval_batch_size, device=device,
-                            precision=precision) if len(test_images) else {}
-            record = {"kind": "epoch", "epoch": epoch + 1, "step": state["step"],
-                      **{f"train_{k}": v for k, v in means.items()},
-                      **{f"test_{k}": test[k] for k in ("elbo_nats", "recon_nats", "kl_nats", "elbo_bpd", "psnr_db",
-                                                        "mse") if k in test},
-                      "skipped_steps": state["skipped"], "img_per_s": seen / elapsed if elapsed > 0 else None,
-                      "seconds": elapsed}
-            log.write(record)
-            last = epoch + 1 == config.epochs
-            if world.is_main:
-                if (epoch + 1) % config.image_every == 0 or last:
-                    _save_pictures(vae, fixed_test, run_dir, epoch + 1, device, config.seed + 12345,
-                                   config.image_count)
-            save_checkpoint(with_model=True)
-            if (epoch + 1) % config.image_every == 0 or last:
-                say(_epoch_line(record))
-    world.barrier()
-    return record
-
-
+    def _end_epoch(self, epoch: int) -> dict[str, Any]:
+        """Sync, the test pass, the epoch's record, pictures and checkpoint; the state moves to the next epoch."""
+        c = self.config
+        self._sync()
+        self.vae.eval()
+        test = evaluate(self.vae, self.test_images, batch_size=c.eval_batch_size, device=self.device,
+                        precision=self.precision) if len(self.test_images) else {}
+        self.state.epoch = epoch + 1
+        record = self._record("epoch", test)
+        self.log.write(record)
+        pictures = (epoch + 1) % c.image_every == 0 or epoch + 1 == c.epochs
+        if self.world.is_main and pictures:
+            real = self.test_images if len(self.test_images) else self.train_images
+            save_epoch_pictures(self.run, self.vae, real[:c.image_count], epoch + 1, seed=c.seed + 12345,
+                                count=c.image_count)
+        self.state.start_epoch()
+        self._save_checkpoint(with_model=True)
+        if pictures:
+            self.say(_epoch_line(record))
+        return record
 def _adam(vae: VAE, config: Config) -> torch.optim.Optimizer:
     """Adam, fused where this torch has it (CUDA; CPU from torch 2.4): one kernel, and skips without a host sync."""
     params = list(vae.parameters())
@@ -394,8 +468,7 @@ def _compile_errors(enabled: bool):
         yield
     except Exception as e:  # noqa: BLE001 - compile errors come from many torch._dynamo / inductor classes
         if "torch._dynamo" in type(e).__module__ or "torch._inductor" in type(e).__module__:
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            raise UserError(f"torch.compile failed ({type(e).__name__}: {first}); train without it: "
+            raise UserError(f"torch.compile failed ({type(e).__name__}: {first_line(e)}); train without it: "
                             f"--set compile=false") from None
         raise
 
@@ -403,23 +476,6 @@ def _compile_errors(enabled: bool):
 def _warmup(step: int, steps: int) -> float:
     """Linear KL warm-up factor: step / steps, up to 1."""
     return 1.0 if steps <= 0 else min(1.0, step / steps)
-
-
-@torch.no_grad()
-def _save_pictures(vae: VAE, real: torch.Tensor, run_dir: Path, epoch: int, device: torch.device, seed: int,
-                   count: int) -> None:
-    """images/reconstructions_eNNN.png (real rows above predicted rows) and images/samples_eNNN.png, plus the latest.
-
-    The prior draws come from their own generator (the same every epoch, so the grids show progress) and leave the
-    training RNG untouched.
-    """
-    vae.eval()
-    rec = vae.reconstruct(to_unit_float(real, device))
-    samples = vae.sample(count, generator=torch.Generator().manual_seed(seed))
-    rec_img = pictures.grid(pictures.pairs(real, rec))
-    sample_img = pictures.grid(samples)
-    for name, img in (("reconstructions", rec_img), ("samples", sample_img)):
-        pictures.save_png(img, run_dir / "images" / f"{name}_e{epoch:03d}.png", run_dir / "images" / f"{name}.png")
 
 
 def _epoch_line(r: dict[str, Any]) -> str:

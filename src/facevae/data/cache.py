@@ -15,6 +15,7 @@ can be finished by running it again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +45,30 @@ def is_cache(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What `prepare` makes of a source: image side, CelebA's center crop, split scheme and its seed."""
+
+    size: int = 64
+    crop: int = 148  # CelebA only
+    scheme: str = "official"  # CelebA only: official or deck
+    seed: int = 0  # the deck scheme's seed
+
+
+def path_tag(kind: str, path: str | Path) -> str:
+    """The start of a source folder's cache name: kind, folder name and a digest of its resolved path."""
+    resolved = str(Path(path).expanduser().resolve())
+    return f"{kind}-{Path(resolved).name or kind}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}"
+
+
+def seeded_split(count: int, test: int, seed: int) -> np.ndarray:
+    """Split codes int8 (count,): `test` images drawn by a seeded permutation are test, the others train."""
+    codes = np.full(count, SPLIT_NAMES.index("train"), dtype=np.int8)
+    order = np.random.default_rng(seed).permutation(count)
+    codes[order[:test]] = SPLIT_NAMES.index("test")
+    return codes
+
+
 @dataclass
 class Cache:
     """A prepared cache, memory-mapped."""
@@ -55,16 +80,14 @@ class Cache:
     attributes: np.ndarray | None  # int8 (N, A) or None
 
     def split_indices(self, split: str) -> np.ndarray:
-        """The indices of the images of `split` (or of all images for split="all")."""
-        if split == "all":
-            return np.arange(len(self.images))
+        """The indices of the images of `split` (train, valid or test), int64 (N_split,)."""
         names = self.manifest["split_names"]
         counts = self.manifest.get("splits", {})
         if split not in names or counts.get(split, 1) == 0:
             have = [n for n in names if counts.get(n, 1) > 0]
             raise UserError(f"the data has no '{split}' split (it has: {', '.join(have)}); "
                             f"choose one of those with --split")
-        return np.flatnonzero(self.split_codes == names.index(split))
+        return np.flatnonzero(self.split_codes == names.index(split)).astype(np.int64)
 
 
 def load_cache(path: str | Path) -> Cache:

@@ -1,4 +1,4 @@
-"""CelebA: find either layout, read its partition and attribute lists, and prepare it into a cache.
+"""The `celeba:PATH` source: find either layout, read its partition and attribute lists, and prepare it into a cache.
 
 Layouts (both auto-detected from the dataset folder, its parent, or the image folder itself):
     original / torchvision   celeba/img_align_celeba/*.jpg, celeba/list_eval_partition.txt, celeba/list_attr_celeba.txt
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from facevae.data.cache import SPLIT_NAMES
-from facevae.data.decode import RESAMPLE_NAME, decode_all, job_key, report_skipped, seeded_split
+from facevae.data.cache import SPLIT_NAMES, Settings, path_tag, seeded_split
+from facevae.data.decode import RESAMPLE_NAME, decode_all, job_key, report_skipped
 from facevae.errors import UserError
 
 IMAGE_DIR = "img_align_celeba"
@@ -269,9 +269,25 @@ def select(layout: Layout) -> tuple[list[str], np.ndarray, list[str], np.ndarray
     return kept_names, codes[keep], attribute_names, attributes, skipped
 
 
-def prepare_celeba(root: Path, out: Path, *, size: int, crop: int, split: str, seed: int,
-                   progress: bool) -> dict[str, Any]:
+def cache_name(path: str, s: Settings) -> str:
+    """The cache's directory name under the cache root: one per copy of CelebA and settings."""
+    seed = f"-seed{s.seed}" if s.scheme == "deck" else ""  # the deck split is drawn from a seed
+    return f"{path_tag('celeba', path)}-{s.size}-crop{s.crop}-{s.scheme}{seed}"
+
+
+def identity(s: Settings) -> dict[str, Any]:
+    """The manifest entries an existing cache must have to be this one: the split decides which images are test
+    images, so a cache of another split is not this one."""
+    return {"size": s.size, "crop": s.crop, "split": _scheme_entry(s)}
+
+
+def _scheme_entry(s: Settings) -> dict[str, Any]:
+    return {"scheme": s.scheme, "seed": s.seed} if s.scheme == "deck" else {"scheme": s.scheme}
+
+
+def prepare(path: str | Path, out: Path, s: Settings, *, progress: bool) -> dict[str, Any]:
     """Decode CelebA once into a cache at `out`: crop, resize, split and attributes; return the manifest."""
+    root, size, crop, split, seed = Path(path), s.size, s.crop, s.scheme, s.seed
     if split not in SPLITS:
         raise UserError(f"unknown CelebA split '{split}'; use official (train/valid/test) or deck (70/30)")
     if crop > WIDTH:
@@ -299,7 +315,7 @@ def prepare_celeba(root: Path, out: Path, *, size: int, crop: int, split: str, s
                    "lists": [layout.partition.name, layout.attributes.name]},
         "crop": crop,
         "resample": RESAMPLE_NAME,
-        "split": {"scheme": split, "seed": seed} if split == "deck" else {"scheme": split},
+        "split": _scheme_entry(s),
         "skipped": skipped,
     })
     report_skipped(manifest, out)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from facevae.data.cache import FORMAT_VERSION, MANIFEST, SPLIT_NAMES, CacheWriter
+from facevae.data.cache import FORMAT_VERSION, MANIFEST, CacheWriter
 from facevae.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
@@ -286,14 +286,6 @@ def decode_all(out: Path, root: Path, names: list[str], *, crop: int | None, siz
                         f"check that they are image files")
     writer.compact(keep)
     return writer, np.flatnonzero(keep), skipped
-
-
-def seeded_split(count: int, test: int, seed: int) -> np.ndarray:
-    """Split codes int8 (count,): `test` images drawn by a seeded permutation are test, the others train."""
-    codes = np.full(count, SPLIT_NAMES.index("train"), dtype=np.int8)
-    order = np.random.default_rng(seed).permutation(count)
-    codes[order[:test]] = SPLIT_NAMES.index("test")
-    return codes
 
 
 def report_skipped(manifest: dict[str, Any], out: Path) -> None:

@@ -1,4 +1,4 @@
-"""Any folder of images (searched recursively) prepared into a cache: largest center square, resized.
+"""The `folder:PATH` source: any folder of images (searched recursively), largest center square, resized.
 
 The split is a fixed, seeded 90/10 train/test draw (seed FOLDER_SPLIT_SEED, recorded in the manifest).
 """
@@ -10,11 +10,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from facevae.data.decode import IMAGE_EXTENSIONS, RESAMPLE_NAME, decode_all, job_key, report_skipped, seeded_split
+from facevae.data.cache import Settings, path_tag, seeded_split
+from facevae.data.decode import IMAGE_EXTENSIONS, RESAMPLE_NAME, decode_all, job_key, report_skipped
 from facevae.errors import UserError
 
 FOLDER_SPLIT_SEED = 0
 FOLDER_TEST_PERCENT = 10  # of the usable images, rounded half up
+
+
+def cache_name(path: str, s: Settings) -> str:
+    """The cache's directory name under the cache root: one per folder and size."""
+    return f"{path_tag('folder', path)}-{s.size}"
+
+
+def identity(s: Settings) -> dict[str, Any]:
+    """The manifest entries an existing cache must have to be this one."""
+    return {"size": s.size}
 
 
 def list_images(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[str], list[dict[str, str]]]:
@@ -41,9 +52,9 @@ def list_images(root: Path, exclude: tuple[Path, ...] = ()) -> tuple[list[str], 
     return sorted(images), sorted(skipped, key=lambda e: e["file"])
 
 
-def prepare_folder(root: Path, out: Path, *, size: int, progress: bool) -> dict[str, Any]:
-    """Decode every image under `root` once into a cache at `out`; return the manifest."""
-    root = Path(root).expanduser()
+def prepare(path: str | Path, out: Path, s: Settings, *, progress: bool) -> dict[str, Any]:
+    """Decode every image under `path` once into a cache at `out` (s.size; crop and scheme do not apply)."""
+    root, size = Path(path).expanduser(), s.size
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
         raise UserError(f"{root} {what}; give folder:PATH a folder that holds image files")
