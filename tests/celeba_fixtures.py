@@ -138,3 +138,44 @@ def make_folder(root: Path, seed: int = 0) -> dict[str, tuple[int, int]]:
         path.write_bytes(jpeg_bytes(smooth_image(rng, 150, 150)))
         specs[f"more/{i:02d}.jpg"] = (150, 150)
     return specs
+
+
+# Where the planted attributes show in a 178x218 CelebA-aligned image (rows, columns): inside the 148 px centre crop,
+# at the eyes and at the mouth. In a prepared image of side S they cover rows EYE_ROWS / 148 * S (about 0.44-0.59 S)
+# and MOUTH_ROWS / 148 * S (about 0.71-0.87 S), after the crop's offset of 35 rows.
+EYE_ROWS, EYE_COLUMNS = (100, 122), (30, 148)
+MOUTH_ROWS, MOUTH_COLUMNS = (140, 164), (50, 128)
+PLANTED = ("Eyeglasses", "Smiling")  # a dark band across the eyes; a bright bar at the mouth
+
+
+def planted_image(rng: np.random.Generator, eyeglasses: bool, smiling: bool) -> np.ndarray:
+    """A plain face-like picture, uint8 (218, 178, 3): a random skin tone and soft light, with a dark band across the
+    eyes when `eyeglasses` and a bright bar at the mouth when `smiling`."""
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH] / HEIGHT
+    tone = rng.uniform(110, 170) * np.array([1.0, 0.85, 0.75]) * rng.uniform(0.9, 1.1, 3)
+    light = 25 * rng.uniform(-1, 1) * (xx - 0.4) + 25 * rng.uniform(-1, 1) * (yy - 0.5)  # a soft gradient
+    picture = tone + light[..., None] + rng.normal(0, 4, (HEIGHT, WIDTH, 3))
+    if eyeglasses:
+        picture[slice(*EYE_ROWS), slice(*EYE_COLUMNS)] = 25
+    if smiling:
+        picture[slice(*MOUTH_ROWS), slice(*MOUTH_COLUMNS)] = 240
+    return np.clip(picture, 0, 255).astype(np.uint8)
+
+
+def make_planted_celeba(top: Path, count: int = 800, seed: int = 0) -> CelebaFixture:
+    """A CelebA copy (original layout) in which Eyeglasses and Smiling are drawn into the pictures and the other 38
+    attributes are coin flips that nothing in the pictures shows; half the images train, half test."""
+    rng = np.random.default_rng(seed)
+    dataset = top / "celeba"
+    images = dataset / "img_align_celeba"
+    images.mkdir(parents=True, exist_ok=True)
+    names = [f"{i:06d}.jpg" for i in range(1, count + 1)]
+    attributes = rng.choice(np.array([-1, 1], dtype=np.int8), size=(count, len(ATTRIBUTE_NAMES)))
+    eyes, mouth = (ATTRIBUTE_NAMES.index(name) for name in PLANTED)
+    for name, row in zip(names, attributes):
+        (images / name).write_bytes(jpeg_bytes(planted_image(rng, row[eyes] > 0, row[mouth] > 0)))
+    codes = np.where(np.arange(count) < count // 2, 0, 2).astype(np.int8)  # train, then test
+    fixture = CelebaFixture(top, dataset, images, dataset / "list_eval_partition.txt",
+                            dataset / "list_attr_celeba.txt", names, codes, attributes, "original")
+    write_lists(fixture)
+    return fixture

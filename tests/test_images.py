@@ -36,3 +36,38 @@ def test_rgb_grid_keeps_channels():
     img = np.asarray(grid(images, columns=3))
     assert img.shape == (64 + 4, 3 * 66 + 2, 3)  # 64-pixel tiles need no upscaling
     assert np.array_equal(_tile(img, 0, 2, 64, 2, 1), (images[2].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+
+
+def _find(canvas: np.ndarray, tile: np.ndarray) -> list[tuple[int, int]]:
+    """Top-left corners where `tile` (h, w, 3) stands in `canvas` (H, W, 3) pixel for pixel."""
+    h, w = tile.shape[:2]
+    ys, xs = np.nonzero((canvas == tile[0, 0]).all(-1))
+    return [(y, x) for y, x in zip(ys, xs) if np.array_equal(canvas[y:y + h, x:x + w], tile)]
+
+
+def test_labelled_grid_places_upscaled_tiles_under_their_captions():
+    from facevae.images import labelled_grid
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=g),
+            torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)]  # a short second row
+    img = np.asarray(labelled_grid(rows, row_labels=["first row", "second"], column_labels=["a", "b", "c"],
+                                   title="a title"))
+    corners = {}
+    for r, row in enumerate(rows):
+        for k, tile in enumerate(row):
+            up = np.kron(tile.permute(1, 2, 0).numpy(), np.ones((4, 4, 1), dtype=np.uint8))  # 16 -> 64, nearest
+            found = _find(img, up)
+            assert len(found) == 1, (r, k)
+            corners[r, k] = found[0]
+    assert corners[0, 0][0] == corners[0, 2][0] < corners[1, 0][0] == corners[1, 1][0]  # rows
+    assert corners[0, 1][1] == corners[1, 1][1] and corners[0, 1][1] - corners[0, 0][1] >= 64  # columns
+    top, left = corners[0, 0]
+    dark = img.min(-1) < 128
+    for r in range(2):  # a caption left of each row, one above each column
+        y = corners[r, 0][0]
+        assert dark[y:y + 64, :left].any()
+    for k in range(3):
+        x = corners[0, k][1]
+        assert dark[:top, x:x + 64].any()
+    assert (img[corners[1, 1][0]:, corners[0, 2][1]:] == 255).all()  # the short row ends in white

@@ -64,7 +64,7 @@ def _data_commands(sub: Any, d: "Config") -> None:
 
 
 def _run_commands(sub: Any, d: "Config") -> None:
-    """The commands on trained runs: evaluate, sample, reconstruct, compare, summary."""
+    """The commands on trained runs: evaluate, the ones that make faces, compare, summary."""
     s = sub.add_parser("evaluate", help="ELBO, importance-weighted NLL, bits/dim, PSNR, SSIM of a trained run")
     s.add_argument("run_dir")
     s.add_argument("--split", default="test", help="data split (default test)")
@@ -77,17 +77,7 @@ def _run_commands(sub: Any, d: "Config") -> None:
                    help="Inception weights (inception-2015-12-05, torch-fidelity's .pth) for FID; needs facevae[fid]")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    s = sub.add_parser("sample", help="new faces from the prior, as a PNG grid")
-    s.add_argument("run_dir")
-    s.add_argument("-n", type=int, default=64, help="number of faces (default 64)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default 0)")
-    s.add_argument("--out", help="PNG file (default RUN_DIR/images/sample.png)")
-
-    s = sub.add_parser("reconstruct", help="real faces above their reconstructions, as a PNG grid")
-    s.add_argument("run_dir")
-    s.add_argument("--split", default="test", help="data split (default test)")
-    s.add_argument("-n", type=int, default=32, help="number of faces (default 32)")
-    s.add_argument("--out", help="PNG file (default RUN_DIR/images/reconstruct.png)")
+    _making_commands(sub)
 
     s = sub.add_parser("compare", help="evaluated runs side by side: a Markdown table and their reconstructions")
     s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs evaluated with `facevae evaluate`")
@@ -101,6 +91,71 @@ def _run_commands(sub: Any, d: "Config") -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
 
 
+def _making_commands(sub: Any) -> None:
+    """sample, reconstruct, interpolate, traverse, attributes, edit, analogy: the commands that make faces."""
+    from facevae.faces import FACE_HELP
+    from facevae.latent import MODES
+
+    s = sub.add_parser("sample", help="new faces from the prior, as a PNG grid")
+    s.add_argument("run_dir")
+    s.add_argument("-n", type=int, default=64, help="number of faces (default 64)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default 0)")
+    s.add_argument("--temperature", type=float, default=1.0,
+                   help="scale of the prior's standard deviation: z ~ N(0, T^2 I) (default 1)")
+    _picture_options(s, "sample")
+
+    s = sub.add_parser("reconstruct", help="real faces above their reconstructions, or your own (--image)")
+    s.add_argument("run_dir")
+    s.add_argument("--image", nargs="+", metavar="FACE", help=f"faces to reconstruct, each {FACE_HELP}")
+    s.add_argument("--split", default="test", help="data split (default test)")
+    s.add_argument("-n", type=int, default=32, help="number of faces (default 32)")
+    _picture_options(s, "reconstruct")
+
+    s = sub.add_parser("interpolate", help="a row of faces between the posterior means of faces A and B")
+    s.add_argument("run_dir")
+    s.add_argument("a", metavar="A", help=f"the first face: {FACE_HELP}")
+    s.add_argument("b", metavar="B", help="the last face")
+    s.add_argument("--steps", type=int, default=8, help="faces on the path, its ends included (default 8)")
+    s.add_argument("--mode", choices=MODES, default="slerp",
+                   help="slerp: along the sphere, norm between the ends' (default); lerp: a straight line")
+    _picture_options(s, "interpolate")
+
+    s = sub.add_parser("traverse", help="what each latent dimension does: one row per dimension, most KL first")
+    s.add_argument("run_dir")
+    s.add_argument("--image", metavar="FACE", help=f"move around this face's posterior mean (else z = 0): {FACE_HELP}")
+    s.add_argument("--dims", type=int, default=10, help="rows: the dimensions with the most KL (default 10)")
+    s.add_argument("--range", type=float, default=3.0, dest="range_",
+                   help="columns from -RANGE to +RANGE prior standard deviations (default 3)")
+    s.add_argument("--device", help="auto, cpu or cuda for the pass over the test split (default: the run's)")
+    _picture_options(s, "traverse")
+
+    s = sub.add_parser("attributes", help="attribute vectors (CelebA's 40) and how well each reads its attribute")
+    s.add_argument("run_dir")
+    s.add_argument("--recompute", action="store_true", help="compute them again even if saved for this model")
+    s.add_argument("--device", help="auto, cpu or cuda for the encoder passes (default: the run's)")
+    _picture_options(s, "attributes")
+
+    s = sub.add_parser("edit", help="add attribute vectors to a face: a row from its reconstruction to the edit")
+    s.add_argument("run_dir")
+    s.add_argument("image", metavar="FACE", help=FACE_HELP)
+    s.add_argument("--add", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="an attribute and how much of it, in units of its vector's length (the difference of the "
+                        "mean codes with and without it): --add Smiling=1.5 --add Eyeglasses=-1")
+    s.add_argument("--steps", type=int, default=5, help="faces in the row, the reconstruction included (default 5)")
+    _picture_options(s, "edit")
+
+    s = sub.add_parser("analogy", help="A is to B as C is to C + (B - A), on posterior means")
+    s.add_argument("run_dir")
+    for name in "ABC":
+        s.add_argument(name.lower(), metavar=name, help=f"face {name}: {FACE_HELP}")
+    _picture_options(s, "analogy")
+
+
+def _picture_options(s: argparse.ArgumentParser, name: str) -> None:
+    s.add_argument("--out", help=f"PNG file (default RUN_DIR/images/{name}.png)")
+    s.add_argument("--json", action="store_true", help="print its numbers as one JSON object on stdout")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     try:
@@ -111,8 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(__version__)
             return 0
         if not args.command:
-            raise UserError("name a command: prepare, train, evaluate, sample, reconstruct, compare or summary "
-                            "(see `facevae --help`)")
+            raise UserError(f"name a command: {', '.join(COMMANDS)} (see `facevae --help`)")
         return COMMANDS[args.command](args) or 0
     except UserError as e:
         print(f"facevae: error: {e}", file=sys.stderr)
@@ -176,20 +230,74 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    from facevae.run import sample_run
-
-    path = sample_run(args.run_dir, n=args.n, seed=args.seed, out=args.out)
-    print(f"wrote {args.n} samples to {path}", file=sys.stderr)
+def _report(args: argparse.Namespace, report: dict[str, Any], what: str) -> int:
+    """Say where the picture went (stderr) and print the numbers with --json."""
+    print(f"wrote {what} to {report['out']}", file=sys.stderr)
+    if args.json:
+        _print_json(report)
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from facevae.making import sample_faces
+
+    report = sample_faces(args.run_dir, n=args.n, temperature=args.temperature, seed=args.seed, out=args.out)
+    return _report(args, report, f"{args.n} samples at temperature {args.temperature:g}")
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    if args.image:
+        from facevae.making import reconstruct_faces
+
+        return _report(args, reconstruct_faces(args.run_dir, args.image, out=args.out),
+                       "each face beside its reconstruction")
     from facevae.run import reconstruct_run
 
     path = reconstruct_run(args.run_dir, split=args.split, n=args.n, out=args.out)
     print(f"wrote real faces, each row followed by the row of their reconstructions, to {path}", file=sys.stderr)
+    if args.json:
+        _print_json({"out": str(path), "split": args.split, "n": args.n})
     return 0
+
+
+def cmd_interpolate(args: argparse.Namespace) -> int:
+    from facevae.making import interpolate_faces
+
+    report = interpolate_faces(args.run_dir, args.a, args.b, steps=args.steps, mode=args.mode, out=args.out)
+    return _report(args, report, f"A, the {args.mode} path of {args.steps} faces and B")
+
+
+def cmd_traverse(args: argparse.Namespace) -> int:
+    from facevae.making import traverse_faces
+
+    report = traverse_faces(args.run_dir, image=args.image, dims=args.dims, range_=args.range_, device=args.device,
+                            out=args.out)
+    return _report(args, report, f"traversals of {len(report['dims'])} dimensions")
+
+
+def cmd_attributes(args: argparse.Namespace) -> int:
+    from facevae.making import attributes_report
+
+    report = attributes_report(args.run_dir, recompute=args.recompute, device=args.device, out=args.out)
+    for row in report["attributes"]:
+        auc = "n/a" if row["auc"] is None else f"{row['auc']:.3f}"
+        print(f"  {row['name']:<20} AUC {auc}  ({row['positives']} with, {row['negatives']} without)",
+              file=sys.stderr)
+    return _report(args, report, f"vectors in {Path(args.run_dir) / 'attributes.safetensors'}; a picture of them")
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from facevae.making import edit_face, parse_amounts
+
+    report = edit_face(args.run_dir, args.image, parse_amounts(args.add), steps=args.steps, out=args.out)
+    return _report(args, report, "the face, its reconstruction and the edits")
+
+
+def cmd_analogy(args: argparse.Namespace) -> int:
+    from facevae.making import analogy_faces
+
+    return _report(args, analogy_faces(args.run_dir, args.a, args.b, args.c, out=args.out),
+                   "A, B, C and C + (B - A)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -216,4 +324,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
-            "reconstruct": cmd_reconstruct, "compare": cmd_compare, "summary": cmd_summary}
+            "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate, "traverse": cmd_traverse,
+            "attributes": cmd_attributes, "edit": cmd_edit, "analogy": cmd_analogy, "compare": cmd_compare,
+            "summary": cmd_summary}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from facevae.fileio import atomic_write
 from facevae.pixels import to_float, to_uint8
@@ -44,6 +44,53 @@ def pairs(real: torch.Tensor, predicted: torch.Tensor, *, columns: int = 8) -> t
             blank = torch.ones(columns - len(row), *row.shape[1:])  # white tiles keep a short last row in its row
             out += [row, blank]
     return torch.cat(out)
+
+
+def labelled_grid(rows: list[torch.Tensor], *, row_labels: list[str] | None = None,
+                  column_labels: list[str] | None = None, title: str | None = None, min_tile: int = 64,
+                  padding: int = 4) -> Image.Image:
+    """Rows of images, each (K, C, H, W) float in [0, 1] or uint8, with a caption left of each row, one above each
+    column and an optional title (Pillow's built-in font). Tiles are upscaled (nearest) to >= min_tile pixels; a
+    short row leaves white space at its end."""
+    arrays = [to_hwc(r) for r in rows]  # (K, H, W, C) uint8 each
+    h, w = arrays[0].shape[1:3]
+    scale = max(1, -(-min_tile // max(h, w)))
+    th, tw = h * scale, w * scale  # tile size on the canvas
+    font = ImageFont.load_default()
+    line = _text_size(font, "Ag")[1] + padding  # one caption line
+    left = max(_text_size(font, _fit(font, t, 4 * tw))[0] for t in row_labels) + 2 * padding if row_labels else 0
+    top = line * (bool(title) + bool(column_labels))
+    columns = max(len(a) for a in arrays)
+    canvas = Image.new("RGB", (left + columns * (tw + padding) + padding,
+                               top + len(arrays) * (th + padding) + padding), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((padding, padding // 2), _fit(font, title, canvas.width - 2 * padding), fill="black", font=font)
+    for k, label in enumerate(column_labels or []):
+        x = left + padding + k * (tw + padding) + tw // 2
+        draw.text((x, top - line // 2), _fit(font, label, tw + padding), fill="black", font=font, anchor="mm")
+    for r, tiles in enumerate(arrays):
+        y = top + padding + r * (th + padding)
+        for k, tile in enumerate(tiles):
+            face = Image.fromarray(tile[..., 0] if tile.shape[-1] == 1 else tile).convert("RGB")
+            canvas.paste(face.resize((tw, th), Image.Resampling.NEAREST), (left + padding + k * (tw + padding), y))
+        if row_labels:
+            draw.text((padding, y + th // 2), _fit(font, row_labels[r], 4 * tw), fill="black", font=font, anchor="lm")
+    return canvas
+
+
+def _text_size(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str) -> tuple[int, int]:
+    left, upper, right, lower = font.getbbox(text)
+    return right - left, lower - upper
+
+
+def _fit(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str, width: int) -> str:
+    """The text, cut short with an ellipsis where it is wider than `width` pixels."""
+    if _text_size(font, text)[0] <= width:
+        return text
+    while text and _text_size(font, text + "...")[0] > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def save_png(image: Image.Image, *paths: str | Path) -> Path:

@@ -127,10 +127,11 @@ class VAE(nn.Module):
         return elbo(posterior, likelihood, x, kl_weight=self.config.kl_weight if kl_weight is None else kl_weight)
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n new images from the prior: the means of p(x|z), z ~ N(0, I); (n, C, S, S) in [0, 1]."""
+    def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """n new images from the prior: the means of p(x|z), z ~ N(0, T^2 I) (T = temperature, 1 for the prior
+        itself); (n, C, S, S) in [0, 1]."""
         device = next(self.parameters()).device
-        z = torch.randn(n, self.config.latent_dim, generator=generator, device="cpu").to(device)
+        z = temperature * torch.randn(n, self.config.latent_dim, generator=generator, device="cpu").to(device)
         return self.decode(z).mean.float().clamp(0, 1)
 
     @torch.no_grad()
