@@ -42,7 +42,7 @@ def load_image(path: str | Path, *, size: int, channels: int) -> torch.Tensor:
         raise UserError(f"{path}: {failure_reason(e)}") from None
     if channels == 1:  # ITU-R 601 luma, as Pillow's "L" mode
         square = np.asarray(Image.fromarray(square.transpose(1, 2, 0)).convert("L"))[None]
-    return torch.from_numpy(np.ascontiguousarray(square))
+    return torch.from_numpy(np.array(square))  # a writable, contiguous copy
 
 
 def load_face(config: Config, face: str) -> torch.Tensor:
