@@ -11,7 +11,7 @@ RUN ?= runs/lfw-faces
 LIKELIHOODS = $(shell $(PY) -c "from facevae.distributions import LIKELIHOODS; print(*LIKELIHOODS)")
 COMPARE_EPOCHS ?= 100
 
-.PHONY: install demo test test-slow bench compare-demo clean
+.PHONY: install demo test test-slow tutorial bench compare-demo clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+# Rebuild docs/tutorial.ipynb from docs/make_tutorial.py, run it, and render docs/tutorial.md with its figures.
+tutorial: install
+	$(PY) docs/make_tutorial.py
 
 bench: install
 	$(PY) benchmarks/train_throughput.py
