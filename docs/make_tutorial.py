@@ -368,7 +368,7 @@ CELLS: list[tuple[str, str]] = [
     once into a uint8 cache, train both decoders with the deck's settings and compare them:
 
     ```sh
-    facevae prepare --data celeba:/data/celeba --size 64 --crop 148 --split deck
+    facevae prepare --data celeba:/data/celeba --size 64 --crop 148 --split-scheme deck
     facevae train --config configs/celeba64-deck-gaussian.toml --data celeba:/data/celeba --out runs/gaussian
     facevae train --config configs/celeba64-deck-bernoulli.toml --data celeba:/data/celeba --out runs/bernoulli
     facevae evaluate runs/gaussian --iw-samples 1000 --json
@@ -380,12 +380,18 @@ CELLS: list[tuple[str, str]] = [
     torchrun: `torchrun --nproc_per_node=8 -m facevae train --config configs/celeba64.toml --data
     celeba:/data/celeba --out runs/celeba64`. A second `facevae train --out` of the same run resumes it.
 
-    **The other likelihoods.** `--set likelihood=NAME` with `gaussian_learned` (one learned sigma),
-    `gaussian_optimal` (sigma-VAE), `continuous_bernoulli` (the normalised Bernoulli) or `discretized_logistic`
-    (256 bins: its log-likelihood is directly the 8-bit bits/dim, and the recommended `configs/celeba64.toml`);
-    `make compare-demo` trains each on these faces and prints them side by side. The README's "Numbers and units"
-    says what each reported figure means.
+    **The other likelihoods.** `--set likelihood=NAME` (or `Config(likelihood=NAME)`) picks the decoder's p(x|z)
+    from facevae's table of likelihoods; `discretized_logistic` is the recommended recipe's
+    (`configs/celeba64.toml`), and `make compare-demo` trains each on these faces and prints them side by side. The
+    README's "Numbers and units" says what each reported figure means.
+    """),
+    ("py", r"""
+    from facevae import LIKELIHOODS
 
+    for name, likelihood in LIKELIHOODS.items():
+        print(f"{name:28s}{likelihood.__doc__.strip().splitlines()[0]}")
+    """),
+    ("md", r"""
     The last cell removes the temporary directory with the three runs and the prepared faces (skip it to keep them:
     `work` is their path).
     """),
