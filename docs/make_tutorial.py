@@ -40,7 +40,7 @@ CELLS: list[tuple[str, str]] = [
     4. [The ELBO](#4.-The-ELBO): reconstruction minus KL, and log p(x) >= ELBO
     5. [The deck's loss](#5.-The-deck's-loss): MSE + 0.00024 KL in ELBO terms; a Gaussian and a Bernoulli decoder
        side by side
-    6. [Making faces](#6.-Making-faces): samples, interpolation, an edit
+    6. [Making faces](#6.-Making-faces): samples, interpolation, a traversal, an edit
     7. [Where to go next](#7.-Where-to-go-next): CelebA, GPUs, the other likelihoods
 
     It runs on a CPU in a few minutes at most, downloads nothing (the faces ship inside scikit-image) and writes only
@@ -290,8 +290,8 @@ CELLS: list[tuple[str, str]] = [
     ("md", r"""
     facevae trains exactly that objective with `likelihood="gaussian", sigma=1, kl_weight=beta` (the recipe
     `configs/celeba64-deck-gaussian.toml`), and the deck's Bernoulli decoder, binary cross-entropy + 0.00024 KL,
-    with `likelihood="bernoulli", kl_weight=0.00024 * D` (BCE summed over the D pixels: `configs/celeba64-deck-bernoulli.toml`).
-    Both on the same faces, for the same 40 short epochs:
+    with `likelihood="bernoulli", kl_weight=0.00024 * D` (BCE summed over the D pixels:
+    `configs/celeba64-deck-bernoulli.toml`). Both on the same faces, for the same 40 short epochs:
     """),
     ("py", r"""
     deck = config.updated({"likelihood": "gaussian", "sigma": 1.0, "kl_weight": beta})
@@ -355,11 +355,83 @@ CELLS: list[tuple[str, str]] = [
     ## 6. Making faces
 
     A VAE is a generative model: a code drawn from the prior N(0, I) and decoded is a new face. `vae.sample(n)`
-    returns the decoder's means for n such codes:
+    returns the decoder's means for n such codes; a temperature T below 1 draws them from N(0, T^2 I), nearer the
+    prior's centre, where faces are smoother and more alike.
     """),
     ("py", r"""
     generator = torch.Generator().manual_seed(1)
-    show([vae.sample(8, generator=generator), vae.sample(8, generator=generator)], ["z ~ N(0, I)", ""])
+    show([vae.sample(8, generator=generator), vae.sample(8, generator=generator, temperature=0.5)],
+         ["T = 1", "T = 0.5"], title="new faces: decoded codes z ~ N(0, T^2 I)")
+    """),
+    ("md", r"""
+    The making-faces tools of `facevae.faces` work on posterior means (the codes of real faces) and are what the
+    commands `facevae interpolate`, `traverse`, `edit` and `analogy` call. **Interpolation** walks from one face's
+    code to another's. A code drawn from N(0, I) in 32 dimensions has a norm near sqrt(32) = 5.7: the straight line
+    (lerp) between two codes cuts through the inside of that shell, while slerp turns along the great circle between
+    them, its norm going evenly from one end's to the other's. The path's end faces are the reconstructions of the
+    two faces; here, the two test faces whose codes lie farthest apart.
+    """),
+    ("py", r"""
+    from facevae.faces import edit, encode, interpolate, traverse
+    from facevae.latent import latent_path
+
+    codes = encode(vae, faces.images)  # the 20 test faces' posterior means, (20, 32)
+    i, j = divmod(torch.cdist(codes, codes).argmax().item(), len(codes))  # the two codes farthest apart
+    a, b = faces[i], faces[j]  # uint8 (1, 32, 32) each
+    for mode in ["slerp", "lerp"]:
+        norms = latent_path(codes[i], codes[j], 8, mode).norm(dim=1)
+        print(f"{mode:5s}: code norms along the path", norms.numpy().round(2))
+    with_ends = lambda row: torch.cat([a[None] / 255, row, b[None] / 255])  # the real faces at both ends
+    show([with_ends(interpolate(vae, a, b, steps=8, mode="slerp")),
+          with_ends(interpolate(vae, a, b, steps=8, mode="lerp"))],
+         ["slerp", "lerp"], title="from face A to face B, real faces at the ends")
+    """),
+    ("md", r"""
+    A **traversal** moves one code dimension at a time, here from -3 to +3 prior standard deviations around the
+    prior's centre z = 0 (`facevae traverse RUN --image FACE` centres it on a face's code instead): the three
+    dimensions with the most KL in section 3's bar chart, and the one with the least.
+    """),
+    ("py", r"""
+    dims = [*order[:3].tolist(), order[-1].item()]
+    rows = traverse(vae, torch.zeros(32), dims, torch.linspace(-3, 3, 7))  # (4, 7, 1, 32, 32)
+    show(list(rows), [f"z{d}\nKL {kl_per_dim[d]:.2f}" for d in dims],
+         title="one code dimension at a time, -3 to +3 around z = 0")
+    """),
+    ("md", r"""
+    An **edit** adds an attribute vector: the mean code of the faces that have the attribute minus the mean code of
+    those that do not (White 2016). CelebA comes with 40 labelled attributes, and `facevae attributes RUN` and
+    `facevae edit RUN FACE --add Smiling=1.5` use them. These faces have no labels, so make one that you can check by
+    eye: a light background, the mean grey level of the 4-pixel frame around the face above the training faces'
+    median. How well the vector reads the attribute: project the codes on it, pick the threshold on the training
+    faces, and measure the ROC AUC on the test faces.
+    """),
+    ("py", r"""
+    from facevae.latent import attribute_vectors, project, readout
+
+    frame = torch.ones(32, 32, dtype=torch.bool)
+    frame[4:-4, 4:-4] = False
+
+
+    def background(images):  # uint8 (N, 1, 32, 32) -> (N,) mean grey level of the frame, 0..255
+        return images[:, 0][:, frame].float().mean(1)
+
+
+    train_faces = open_dataset("lfw", split="train", size=32, progress=False).images  # (80, 1, 32, 32) uint8
+    threshold = background(train_faces).median()
+    light_train, light_test = background(train_faces) > threshold, background(faces.images) > threshold
+    codes_train, codes_test = encode(vae, train_faces), codes  # posterior means (N, 32)
+    light = attribute_vectors(codes_train, light_train[:, None], ["light background"]).vector("light background")
+    quality = readout((project(codes_train, light[None])[:, 0], light_train),
+                      (project(codes_test, light[None])[:, 0], light_test))
+    print(f"{int(light_train.sum())} of {len(train_faces)} training faces have a light background; the vector "
+          f"(length {light.norm():.2f}) reads it on the {len(light_test)} test faces with ROC AUC {quality['auc']:.2f}")
+    """),
+    ("py", r"""
+    dark, bright = background(faces.images).argmin().item(), background(faces.images).argmax().item()
+    show([torch.cat([faces[dark][None] / 255, edit(vae, faces[dark], 2 * light, steps=6)]),
+          torch.cat([faces[bright][None] / 255, edit(vae, faces[bright], -2 * light, steps=6)])],
+         ["+2 x light", "-2 x light"],
+         title="a real face, then its reconstruction moved along the vector in 6 steps")
     """),
     ("md", r"""
     ## 7. Where to go next
