@@ -33,15 +33,13 @@ CELLS: list[tuple[str, str]] = [
     This notebook walks the road of the study deck *"VAE: Let's make a face"*, slide by slide, with facevae's own
     API: every formula on a slide is a cell you can run and change.
 
-    1. [The auto-encoder](#1.-The-auto-encoder): encode a face, decode it
-    2. [Likelihood and log-likelihood](#2.-Likelihood-and-log-likelihood): nats, and what bits/dim means
-    3. [Variational inference](#3.-Variational-inference): the posterior, its samples, its KL in closed form and by
-       Monte Carlo
-    4. [The ELBO](#4.-The-ELBO): reconstruction minus KL, and log p(x) >= ELBO
-    5. [The deck's loss](#5.-The-deck's-loss): MSE + 0.00024 KL in ELBO terms; a Gaussian and a Bernoulli decoder
-       side by side
-    6. [Making faces](#6.-Making-faces): samples, interpolation, a traversal, an edit
-    7. [Where to go next](#7.-Where-to-go-next): CelebA, GPUs, the other likelihoods
+    1. The auto-encoder: encode a face, decode it
+    2. Likelihood and log-likelihood: nats, and what bits/dim means
+    3. Variational inference: the posterior, its samples, its KL in closed form and by Monte Carlo
+    4. The ELBO: reconstruction minus KL, and log p(x) >= ELBO
+    5. The deck's loss: MSE + 0.00024 KL in ELBO terms; a Gaussian and a Bernoulli decoder side by side
+    6. Making faces: samples, interpolation, a traversal, an edit
+    7. Where to go next: CelebA, GPUs, the other likelihoods
 
     It runs on a CPU in a few minutes at most, downloads nothing (the faces ship inside scikit-image) and writes only
     to a temporary directory, removed by the last cell. Open it with `pip install 'facevae[notebook]'` then
@@ -108,9 +106,8 @@ CELLS: list[tuple[str, str]] = [
     config = Config(data="lfw", image_size=32, channels=1, widths=[32, 64, 128, 256], latent_dim=32,
                     likelihood="gaussian", sigma=0.15, kl_weight=1.0, hflip=True,
                     epochs=40, batch_size=16, log_every=25, image_every=40, seed=0, threads=1)
-    last = train(config, work / "faces", progress=False)
+    train(config, work / "faces", progress=False)  # says where it trains and, at the end, the last epoch's figures
     vae = load_run(work / "faces")
-    print(f"test ELBO after {last['epoch']} epochs: {last['test_elbo_nats']:.1f} nats per image")
     """),
     ("md", r"""
     `vae.encode(x)` gives, for each face, the mean and the log-variance of a Gaussian over codes (section 3 says why
@@ -131,7 +128,7 @@ CELLS: list[tuple[str, str]] = [
     The decoder does not output an image: it outputs a **likelihood** p(x|z), a probability model of images. Here it
     is a Gaussian around `p.mean` with sigma = 0.15 on every pixel:
 
-    log p(x|z) = -1/2 sum_i [ (x_i - mu_i)^2 / sigma^2 + log(2 pi sigma^2) ]
+    $$\log p(x|z) = -\frac{1}{2} \sum_{i=1}^{D} \left[ \frac{(x_i - \mu_i)^2}{\sigma^2} + \log(2 \pi \sigma^2) \right]$$
 
     summed over the D = 32 x 32 = 1,024 pixels. `p.log_prob(x)` returns it in **nats** (natural logarithms) per
     image, one number per image:
@@ -150,7 +147,7 @@ CELLS: list[tuple[str, str]] = [
     density's mass over each pixel's bin of width 1/256 (roughly the density times 1/256 per pixel). Divided by
     D ln 2 it becomes **bits per dimension**, the unit of the likelihood literature:
 
-    bits/dim = -log P(x) / (D ln 2)
+    $$\text{bits/dim} = \frac{-\log P(x)}{D \ln 2}$$
 
     A model that knows nothing (every grey level equally likely) scores exactly 8 bits/dim; lower is better.
     """),
@@ -180,7 +177,7 @@ CELLS: list[tuple[str, str]] = [
     ("md", r"""
     The prior over codes is p(z) = N(0, I). The deck's closed-form KL divergence between the posterior and the prior,
 
-    KL(q || p) = -1/2 sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2),
+    $$\mathrm{KL}(q \,\|\, p) = -\frac{1}{2} \sum_j \left(1 + \log \sigma_j^2 - \mu_j^2 - \sigma_j^2\right),$$
 
     is `q.kl()`, in nats per image. A KL is an expectation, KL = E_q[log q(z|x) - log p(z)], so a Monte Carlo
     average over samples of q must agree with it. In two lines:
@@ -215,7 +212,7 @@ CELLS: list[tuple[str, str]] = [
 
     The quantity a VAE maximises is the **evidence lower bound**:
 
-    ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) <= log p(x)
+    $$\text{ELBO} = \mathbb{E}_{q(z|x)}[\log p(x|z)] - \mathrm{KL}(q(z|x) \,\|\, p(z)) \le \log p(x)$$
 
     reconstruction (how well codes drawn from q explain the image) minus KL (how far q strays from the prior).
     `vae(x)` returns its terms per image, in nats, with one sampled code per image (what training uses):
@@ -232,7 +229,10 @@ CELLS: list[tuple[str, str]] = [
     Why is it a lower bound, and how loose is it? Importance sampling with q as the proposal gives estimates of log
     p(x) that tighten as the number of samples K grows (Burda et al., the IWAE bound):
 
-    log p(x) >= log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),  z_k ~ q(z|x)
+    $$
+    \log p(x) \ge \mathbb{E} \log \frac{1}{K} \sum_{k=1}^{K} \frac{p(x|z_k)\, p(z_k)}{q(z_k|x)},
+    \quad z_k \sim q(z|x)
+    $$
 
     K = 1 is the ELBO; as K grows the bound rises toward log p(x). Each estimate is random (it is the *expected*
     value that rises with K), so the curve can wobble. Written out with the posterior and the likelihood
@@ -275,7 +275,10 @@ CELLS: list[tuple[str, str]] = [
     which is not the ELBO. Per image, with D values and SSE the sum of squared errors, D * loss_deck = SSE + 0.00024 D
     KL. A Gaussian decoder with sigma = 1 has -log p(x|z) = SSE / 2 + (D/2) log(2 pi), so
 
-    (D/2) loss_deck + (D/2) log(2 pi) = -log p(x|z) + beta KL,  beta = 0.00024 D / 2:
+    $$
+    \frac{D}{2}\, \text{loss}_\text{deck} + \frac{D}{2} \log(2\pi) = -\log p(x|z) + \beta\, \mathrm{KL},
+    \qquad \beta = \frac{0.00024\, D}{2}:
+    $$
 
     the deck's loss is a **beta-weighted** objective, beta = 1.47 at the deck's D = 3 x 64 x 64 = 12,288.
     Equivalently, dividing by beta, it is the true ELBO (beta = 1) of a Gaussian decoder with **sigma^2 = 1.47**.
@@ -501,6 +504,18 @@ def same_cells(a: nbformat.NotebookNode, b: nbformat.NotebookNode) -> bool:
     return [(c.cell_type, c.source) for c in a.cells] == [(c.cell_type, c.source) for c in b.cells]
 
 
+def _merged_streams(outputs: list) -> list:
+    """Consecutive pieces of one stream (stdout or stderr) as one output, as Jupyter shows them."""
+    merged: list = []
+    for output in outputs:
+        if (output.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                and merged[-1].name == output.name):
+            merged[-1] = nbformat.from_dict({**merged[-1], "text": merged[-1].text + output.text})
+        else:
+            merged.append(output)
+    return merged
+
+
 def render_markdown(nb: nbformat.NotebookNode, figures: Path) -> str:
     """The executed notebook as Markdown: code in fences, text outputs in fences, figures as PNG files beside it."""
     out: list[str] = []
@@ -510,7 +525,7 @@ def render_markdown(nb: nbformat.NotebookNode, figures: Path) -> str:
             out.append(cell.source)
             continue
         out.append(f"```python\n{cell.source}\n```")
-        for output in cell.get("outputs", []):
+        for output in _merged_streams(cell.get("outputs", [])):
             data = output.get("data", {})
             if output.output_type == "stream":
                 out.append(f"```text\n{output.text.rstrip()}\n```")
