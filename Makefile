@@ -26,7 +26,10 @@ demo: install
 	$(FACEVAE) evaluate $(RUN) --iw-samples 100
 	$(FACEVAE) sample $(RUN) -n 32 --out $(RUN)/images/sample.png
 	$(FACEVAE) reconstruct $(RUN) -n 16 --out $(RUN)/images/reconstruct.png
-	@echo "demo done: see $(RUN)/images/reconstruct.png, $(RUN)/images/sample.png and $(RUN)/eval.json"
+	$(FACEVAE) interpolate $(RUN) test:0 test:1
+	$(FACEVAE) traverse $(RUN) --image test:0 --dims 8
+	$(FACEVAE) analogy $(RUN) test:0 test:1 test:2
+	@echo "demo done: see $(RUN)/images/ (reconstruct, sample, interpolate, traverse, analogy) and $(RUN)/eval.json"
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

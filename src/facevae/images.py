@@ -12,6 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 from facevae.fileio import atomic_write
 from facevae.pixels import to_float, to_uint8
 
+CAPTION_SIZE = 11  # pixels; Pillow's built-in font at its default 10 drops the colon of "test:0"
+
 
 def to_hwc(images: torch.Tensor) -> np.ndarray:
     """(N, C, H, W) float in [0, 1] or uint8 -> uint8 numpy (N, H, W, C)."""
@@ -56,7 +58,7 @@ def labelled_grid(rows: list[torch.Tensor], *, row_labels: list[str] | None = No
     h, w = arrays[0].shape[1:3]
     scale = max(1, -(-min_tile // max(h, w)))
     th, tw = h * scale, w * scale  # tile size on the canvas
-    font = ImageFont.load_default()
+    font = ImageFont.load_default(size=CAPTION_SIZE)
     line = _text_size(font, "Ag")[1] + padding  # one caption line
     left = max(_text_size(font, _fit(font, t, 4 * tw))[0] for t in row_labels) + 2 * padding if row_labels else 0
     top = line * (bool(title) + bool(column_labels))
