@@ -126,15 +126,6 @@ def _check_count(n: int) -> None:
         raise UserError(f"-n must be at least 1, got {n}")
 
 
-def sample_run(run: str | Path | Run, *, n: int = 64, seed: int = 0, out: str | Path | None = None) -> Path:
-    """n faces from a run's prior (means of p(x|z), z ~ N(0, I)) as a PNG grid (default RUN_DIR/images/sample.png)."""
-    _check_count(n)
-    run = Run(run)
-    vae = run.load_model()
-    faces = vae.sample(n, generator=torch.Generator().manual_seed(seed))
-    return save_png(grid(faces), out or run.picture("sample.png"))
-
-
 def reconstruct_run(run: str | Path | Run, *, split: str = "test", n: int = 32, out: str | Path | None = None) -> Path:
     """The first n images of a split (upper rows) above their reconstructions (lower rows) as a PNG grid."""
     _check_count(n)
