@@ -109,10 +109,10 @@ def test_only_unreadable_images_fail_and_leave_nothing(tmp_path):
 
 def test_a_cache_inside_the_folder_is_not_read_as_images(tmp_path):
     cf.make_folder(tmp_path / "photos")
-    names, _ = list_images(tmp_path / "photos", exclude=(tmp_path / "photos" / "cache",))
+    names, _, _ = list_images(tmp_path / "photos", exclude=(tmp_path / "photos" / "cache",))
     (tmp_path / "photos" / "cache").mkdir()
     (tmp_path / "photos" / "cache" / "x.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
-    again, _ = list_images(tmp_path / "photos", exclude=(tmp_path / "photos" / "cache",))
+    again, _, _ = list_images(tmp_path / "photos", exclude=(tmp_path / "photos" / "cache",))
     assert names == again
 
 

@@ -50,7 +50,10 @@ def _data_commands(sub: Any, d: "Config") -> None:
                         f"split_scheme; default {d.split_scheme})")
     s.add_argument("--seed", type=int, default=d.split_seed,
                    help=f"seed of the deck split (the config key split_seed; default {d.split_seed})")
-    s.add_argument("--out", help="cache directory (default: under $FACEVAE_CACHE or ~/.cache/facevae)")
+    s.add_argument("--out", help="cache directory, new or empty (default: under $FACEVAE_CACHE or ~/.cache/facevae)")
+    s.add_argument("--max-pixels", type=int,
+                   help="largest image decoded, in pixels after reduced JPEG decoding (default 24 million); larger "
+                        "ones are skipped and named")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     s = sub.add_parser("train", help="train a VAE (resumes when --out is an existing run)",
@@ -75,6 +78,8 @@ def _run_commands(sub: Any, d: "Config") -> None:
     s.add_argument("--device", help="auto, cpu or cuda (default: the run's config, as in training)")
     s.add_argument("--fid-weights", metavar="FILE",
                    help="Inception weights (inception-2015-12-05, torch-fidelity's .pth) for FID; needs facevae[fid]")
+    s.add_argument("--data", help="data SPEC (default: the run's config.toml)")
+    s.add_argument("--yes", action="store_true", help="run even when the estimate is beyond 12 hours")
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     _making_commands(sub)
@@ -84,11 +89,8 @@ def _run_commands(sub: Any, d: "Config") -> None:
     s.add_argument("--split", default="test", help="data split of the pictured images (default test)")
     s.add_argument("-n", type=int, default=8, help="images in the picture (default 8)")
     s.add_argument("--out", default="compare.png", help="PNG file (default compare.png)")
-
-    s = sub.add_parser("summary", help="the network's layers, output shapes and parameter counts")
-    s.add_argument("run_dir", nargs="?", help="a run directory (else the config's network)")
-    s.add_argument("--config", help="a TOML recipe")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    s.add_argument("--data", help="data SPEC (default: each run's config.toml)")
+    s.add_argument("--force", action="store_true", help="replace --out even if facevae did not write it")
 
 
 def _making_commands(sub: Any) -> None:
@@ -109,6 +111,7 @@ def _making_commands(sub: Any) -> None:
     s.add_argument("--image", nargs="+", metavar="FACE", help=f"faces to reconstruct, each {FACE_HELP}")
     s.add_argument("--split", default="test", help="data split (default test)")
     s.add_argument("-n", type=int, default=32, help="number of faces (default 32)")
+    s.add_argument("--data", help="data SPEC (default: the run's config.toml)")
     _picture_options(s, "reconstruct")
 
     s = sub.add_parser("interpolate", help="a row of faces between the posterior means of faces A and B")
@@ -153,6 +156,7 @@ def _making_commands(sub: Any) -> None:
 
 def _picture_options(s: argparse.ArgumentParser, name: str) -> None:
     s.add_argument("--out", help=f"PNG file (default RUN_DIR/images/{name}.png)")
+    s.add_argument("--force", action="store_true", help="replace --out even if facevae did not write it")
     s.add_argument("--json", action="store_true", help="print its numbers as one JSON object on stdout")
 
 
@@ -186,7 +190,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from facevae.data import prepare
 
     path, manifest = prepare(args.data, size=args.size, crop=args.crop, scheme=args.split_scheme, seed=args.seed,
-                             out=args.out, progress=True)
+                             out=args.out, max_pixels=args.max_pixels, progress=True)
     result = {"path": str(path), "images": manifest["images"],
               "splits": {k: v for k, v in manifest["splits"].items() if v}, "skipped": manifest.get("skipped", []),
               "size": manifest["size"], "crop": manifest.get("crop")}
@@ -223,7 +227,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from facevae.evaluate import evaluate_run, format_report
 
     report = evaluate_run(args.run_dir, split=args.split, iw_samples=args.iw_samples, limit=args.limit,
-                          batch_size=args.batch_size, device=args.device, fid_weights=args.fid_weights)
+                          batch_size=args.batch_size, device=args.device, fid_weights=args.fid_weights,
+                          data=args.data, yes=args.yes)
     print(format_report(report), file=sys.stderr)
     if args.json:
         _print_json(report)
@@ -241,7 +246,8 @@ def _report(args: argparse.Namespace, report: dict[str, Any], what: str) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     from facevae.making import sample_faces
 
-    report = sample_faces(args.run_dir, n=args.n, temperature=args.temperature, seed=args.seed, out=args.out)
+    report = sample_faces(args.run_dir, n=args.n, temperature=args.temperature, seed=args.seed, out=args.out,
+                          force=args.force)
     return _report(args, report, f"{args.n} samples at temperature {args.temperature:g}")
 
 
@@ -249,11 +255,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.image:
         from facevae.making import reconstruct_faces
 
-        return _report(args, reconstruct_faces(args.run_dir, args.image, out=args.out),
+        return _report(args, reconstruct_faces(args.run_dir, args.image, out=args.out, force=args.force),
                        "each face beside its reconstruction")
     from facevae.run import reconstruct_run
 
-    path = reconstruct_run(args.run_dir, split=args.split, n=args.n, out=args.out)
+    path = reconstruct_run(args.run_dir, split=args.split, n=args.n, out=args.out, data=args.data, force=args.force)
     print(f"wrote real faces, each row followed by the row of their reconstructions, to {path}", file=sys.stderr)
     if args.json:
         _print_json({"out": str(path), "split": args.split, "n": args.n})
@@ -263,7 +269,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def cmd_interpolate(args: argparse.Namespace) -> int:
     from facevae.making import interpolate_faces
 
-    report = interpolate_faces(args.run_dir, args.a, args.b, steps=args.steps, mode=args.mode, out=args.out)
+    report = interpolate_faces(args.run_dir, args.a, args.b, steps=args.steps, mode=args.mode, out=args.out,
+                               force=args.force)
     return _report(args, report, f"A, the {args.mode} path of {args.steps} faces and B")
 
 
@@ -271,14 +278,15 @@ def cmd_traverse(args: argparse.Namespace) -> int:
     from facevae.making import traverse_faces
 
     report = traverse_faces(args.run_dir, image=args.image, dims=args.dims, range_=args.range_, device=args.device,
-                            out=args.out)
+                            out=args.out, force=args.force)
     return _report(args, report, f"traversals of {len(report['dims'])} dimensions")
 
 
 def cmd_attributes(args: argparse.Namespace) -> int:
     from facevae.making import attributes_report
 
-    report = attributes_report(args.run_dir, recompute=args.recompute, device=args.device, out=args.out)
+    report = attributes_report(args.run_dir, recompute=args.recompute, device=args.device, out=args.out,
+                               force=args.force)
     for row in report["attributes"]:
         auc = "n/a" if row["auc"] is None else f"{row['auc']:.3f}"
         print(f"  {row['name']:<20} AUC {auc}  ({row['positives']} with, {row['negatives']} without)",
@@ -289,21 +297,23 @@ def cmd_attributes(args: argparse.Namespace) -> int:
 def cmd_edit(args: argparse.Namespace) -> int:
     from facevae.making import edit_face, parse_amounts
 
-    report = edit_face(args.run_dir, args.image, parse_amounts(args.add), steps=args.steps, out=args.out)
+    report = edit_face(args.run_dir, args.image, parse_amounts(args.add), steps=args.steps, out=args.out,
+                       force=args.force)
     return _report(args, report, "the face, its reconstruction and the edits")
 
 
 def cmd_analogy(args: argparse.Namespace) -> int:
     from facevae.making import analogy_faces
 
-    return _report(args, analogy_faces(args.run_dir, args.a, args.b, args.c, out=args.out),
+    return _report(args, analogy_faces(args.run_dir, args.a, args.b, args.c, out=args.out, force=args.force),
                    "A, B, C and C + (B - A)")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from facevae.compare import compare_runs
 
-    table, path = compare_runs(args.run_dirs, out=args.out, n=args.n, split=args.split)
+    table, path = compare_runs(args.run_dirs, out=args.out, n=args.n, split=args.split, data=args.data,
+                               force=args.force)
     print(table, end="")
     print(f"wrote real faces (top row) and each run's reconstructions (one row per run) to {path}", file=sys.stderr)
     return 0

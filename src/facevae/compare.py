@@ -15,10 +15,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from facevae.errors import UserError
+from facevae.fileio import check_output_file
 from facevae.images import grid, save_png
 from facevae.model import VAE
 from facevae.pixels import to_float
-from facevae.run import Run
+from facevae.run import Run, check_count
 
 PICTURE_KEYS = ("data", "image_size", "channels", "crop", "split_scheme")  # config keys the runs' pictures share
 
@@ -126,16 +127,17 @@ def labelled_grid(rows: torch.Tensor, labels: list[str], *, columns: int) -> Ima
 
 
 def compare_runs(runs: Sequence[Run | str | Path], *, out: str | Path = "compare.png", n: int = 8,
-                 split: str = "test") -> tuple[str, Path]:
+                 split: str = "test", data: str | None = None, force: bool = False) -> tuple[str, Path]:
     """The runs' eval.json side by side as Markdown, and a PNG of the first n images of `split` above each run's
-    reconstructions of them; return (table, png path). Runs must share data, image size and channels."""
+    reconstructions of them; return (table, png path). Runs must share data, image size and channels; the data
+    comes from the runs' config.toml (or `data`); `out` replaces only a PNG facevae wrote, unless `force`."""
     if not runs:
         raise UserError("name at least one run directory")
-    if n < 1:
-        raise UserError(f"-n must be at least 1, got {n}")
+    check_count(n)
+    out = check_output_file(out, force=force)
     runs = [Run(r) for r in runs]
     reports = [r.read_eval() for r in runs]
-    vaes = [r.load_model() for r in runs]
+    vaes = [r.load_model(data=data) for r in runs]  # the data from config.toml (or --data), never the weights
     labels = run_labels([r.path for r in runs])
     stale = [label for label, r in zip(labels, runs) if r.eval_is_stale()]
     table = markdown_table(labels, reports, stale=stale)

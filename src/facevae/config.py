@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import sys
+import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +15,19 @@ from typing import Any
 
 from facevae.distributions import LIKELIHOODS
 from facevae.errors import UserError
+from facevae.fileio import check_path_text
 
 DEVICES = ("auto", "cpu", "cuda")
 SPLIT_SCHEMES = ("official", "deck")
 RENAMED = {"split": "split_scheme"}  # old key -> new key: old configs still load, with a one-line notice
+MAX_IMAGE_SIZE = 1024  # image side: a 1024x1024x3 batch of 64 is already 800 MB of float input
+MAX_LAYERS = 10  # len(widths): 2**10 = 1024, the largest image side
+MAX_WIDTH = 8192  # channels of one layer
+MAX_LATENT = 65536
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_COUNT = 1 << 20  # batch sizes and picture counts: more than any memory holds
+MAX_SET_CHARS = 4096  # one --set value or TOML string: a path at most
+MAX_CONFIG_BYTES = 1 << 20  # a config file
 PRECISIONS = ("auto", "float32", "bf16", "fp16")
 
 
@@ -66,35 +77,48 @@ class Config:
     # ---------------------------------------------------------------- validation
     def validate(self) -> "Config":
         """Check every value; raise UserError naming the key on the first bad one."""
-        pos_int = ("image_size", "channels", "latent_dim", "epochs", "batch_size", "eval_batch_size",
-                   "log_every", "image_count", "max_bad_steps", "image_every")
-        for key in pos_int:
-            if getattr(self, key) < 1:
-                raise UserError(f"config key '{key}' must be at least 1, got {getattr(self, key)}")
-        for key in ("kl_warmup_steps", "max_steps", "checkpoint_every", "threads", "weight_decay", "kl_weight"):
-            if getattr(self, key) < 0:
-                raise UserError(f"config key '{key}' must not be negative, got {getattr(self, key)}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UserError(f"config key 'learning_rate' must be a positive number, got {self.learning_rate}")
-        for key in ("sigma", "min_sigma"):
-            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
-                raise UserError(f"config key '{key}' must be a positive number, got {getattr(self, key)}")
+        self._validate_ranges()
         if self.channels not in (1, 3):
             raise UserError(f"config key 'channels' must be 1 (grey) or 3 (RGB), got {self.channels}")
-        if not self.widths or any(w < 1 for w in self.widths):
-            raise UserError(f"config key 'widths' must be a non-empty list of positive integers, got {self.widths}")
+        if not 1 <= len(self.widths) <= MAX_LAYERS or any(not 1 <= w <= MAX_WIDTH for w in self.widths):
+            raise UserError(f"config key 'widths' must be a list of 1 to {MAX_LAYERS} integers from 1 to "
+                            f"{MAX_WIDTH}, got {_short(self.widths)}")
         stride = 2 ** len(self.widths)
         if self.image_size % stride:
             raise UserError(
                 f"config key 'image_size' = {self.image_size} cannot pass through {len(self.widths)} stride-2 "
                 f"layers: use a multiple of {stride} (e.g. 32, 64, 128) or change 'widths'")
-        if self.crop < 1:
-            raise UserError(f"config key 'crop' must be at least 1, got {self.crop}")
         for key, allowed in (("likelihood", tuple(LIKELIHOODS)), ("device", DEVICES), ("precision", PRECISIONS),
                              ("split_scheme", SPLIT_SCHEMES)):
             if getattr(self, key) not in allowed:
-                raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{getattr(self, key)}'")
+                raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}; got "
+                                f"'{_short(getattr(self, key))}'")
+        check_path_text(self.data, "config key 'data'")
+        cores = os.cpu_count() or 1
+        if self.threads > cores:
+            raise UserError(f"config key 'threads' = {self.threads} but this machine has {cores} cores; use at most "
+                            f"{cores}, or 0 for torch's default")
         return self
+
+    def _validate_ranges(self) -> None:
+        """Every number within its range: counts, sizes, seeds, finite rates and weights."""
+        limits = {"image_size": (1, MAX_IMAGE_SIZE), "channels": (1, 3), "latent_dim": (1, MAX_LATENT),
+                  "epochs": (1, None), "batch_size": (1, MAX_COUNT), "eval_batch_size": (1, MAX_COUNT),
+                  "log_every": (1, None), "image_count": (1, 4096), "max_bad_steps": (1, None),
+                  "image_every": (1, None), "crop": (1, None), "kl_warmup_steps": (0, None), "max_steps": (0, None),
+                  "checkpoint_every": (0, None), "threads": (0, None), "seed": (0, MAX_SEED),
+                  "split_seed": (0, MAX_SEED)}
+        for key, (low, high) in limits.items():
+            value = getattr(self, key)
+            if value < low or (high is not None and value > high):
+                bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+                raise UserError(f"config key '{key}' must be {bound}, got {value}")
+        for key in ("weight_decay", "kl_weight"):
+            if not (getattr(self, key) >= 0 and math.isfinite(getattr(self, key))):
+                raise UserError(f"config key '{key}' must be a finite number, not negative, got {getattr(self, key)}")
+        for key in ("learning_rate", "sigma", "min_sigma"):
+            if not (getattr(self, key) > 0 and math.isfinite(getattr(self, key))):
+                raise UserError(f"config key '{key}' must be a positive number, got {getattr(self, key)}")
 
     # ---------------------------------------------------------------- TOML / dict
     def to_dict(self) -> dict[str, Any]:
@@ -110,6 +134,8 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "Config":
         """A config from a flat mapping; unknown keys and wrong types are UserErrors."""
+        if not isinstance(values, dict):
+            raise UserError(f"the config in {source} is a {type(values).__name__}, not a table of keys")
         return cls().updated(values, source=source)
 
     @classmethod
@@ -122,7 +148,7 @@ class Config:
         changes = {}
         for key, value in _renamed(values, source).items():
             if key not in fields:
-                raise UserError(f"unknown config key '{key}' in {source}; known keys: {', '.join(fields)}")
+                raise UserError(f"unknown config key {_short(key)} in {source}; known keys: {', '.join(fields)}")
             changes[key] = _coerce(key, value, getattr(self, key), source)
         return dataclasses.replace(self, **changes)
 
@@ -133,6 +159,8 @@ class Config:
             key, sep, text = item.partition("=")
             if not sep or not key.strip():
                 raise UserError(f"--set expects key=value, got '{item}'")
+            if len(text) > MAX_SET_CHARS:
+                raise UserError(f"--set {key.strip()}= is {len(text):,} characters long; at most {MAX_SET_CHARS:,}")
             values[key.strip()] = parse_value(text.strip())
         return self.updated(values, source="--set")
 
@@ -146,12 +174,22 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     """Read a TOML file, turning a missing or malformed file into a one-line UserError."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise UserError(f"config file {path} is not a regular file")
         with path.open("rb") as f:
-            return tomllib.load(f)
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError(f"config file {path} is larger than {MAX_CONFIG_BYTES >> 20} MB; it is not a facevae config")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
+        raise UserError(f"config file {path} is not valid TOML: {str(e)[:200] or 'nested too deeply'}") from None
 
 
 def parse_value(text: str) -> Any:
@@ -160,6 +198,8 @@ def parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise UserError(f"--set value {text[:40]}... is nested too deeply") from None
 
 
 def _renamed(values: dict[str, Any], source: str) -> dict[str, Any]:
@@ -175,7 +215,7 @@ def _renamed(values: dict[str, Any], source: str) -> dict[str, Any]:
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     def bad() -> UserError:
         return UserError(f"config key '{key}' in {source} must be {type(default).__name__}, "
-                         f"got {type(value).__name__} {value!r}")
+                         f"got {type(value).__name__} {_short(value)}")
 
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -192,12 +232,21 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     if isinstance(default, str):
         if not isinstance(value, str):
             raise bad()
+        if len(value) > MAX_SET_CHARS:
+            raise UserError(f"config key '{key}' in {source} is {len(value):,} characters long; at most "
+                            f"{MAX_SET_CHARS:,}")
         return value
     if isinstance(default, list):
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise UserError(f"config key '{key}' in {source} must be a list of integers, got {value!r}")
+            raise UserError(f"config key '{key}' in {source} must be a list of integers, got {_short(value)}")
         return list(value)
     raise bad()
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: a hostile value never floods the one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _toml_value(value: Any) -> str:

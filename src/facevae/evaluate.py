@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,7 @@ from facevae.run import Run
 from facevae.version import __version__
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: unit u is active when Var_x(E_q[z_u | x]) > 0.01
-
-
+MAX_EVAL_HOURS = 12  # an evaluation estimated to take longer is refused unless --yes
 PER_IMAGE = ("elbo", "recon", "kl", "loss", "log_px", "mse", "psnr", "ssim")  # figures gathered per image, (N,)
 
 
@@ -48,31 +49,72 @@ def evaluate(vae: VAE, images: torch.Tensor | SplitView, *, iw_samples: int = 1,
     per_image: dict[str, list[torch.Tensor]] = {k: [] for k in PER_IMAGE}
     posterior_means: list[torch.Tensor] = []  # (B, latent_dim) each: the active-unit statistic needs their variance
     kl_dims = torch.zeros(vae.config.latent_dim, dtype=torch.float64, device=device)  # summed, no host sync
-    for start in tqdm(range(0, n, batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
+    bar = tqdm(total=n * iw_samples, desc="evaluate", unit="sample", unit_scale=True, disable=not progress,
+               leave=False)  # counts importance samples decoded: its time left holds whatever K is
+    for start in range(0, n, batch_size):
         x = to_float(images[start:start + batch_size], device)  # (B, C, H, W) uint8 -> float in [0, 1]
         with autocast(device, precision):
             terms = vae(x)  # elbo, recon, kl, loss per image (B,) nats; the posterior q(z|x)
             x_rec = vae.decode(terms.posterior.mode()).mean.float().clamp(0, 1)  # (B, C, H, W): posterior mean
-            log_px = terms.elbo if iw_samples == 1 else _iw_bound(vae, x, iw_samples, batch_size)
+            log_px = terms.elbo if iw_samples == 1 else _iw_bound(vae, x, iw_samples, batch_size, bar)
+        bar.update(len(x) if iw_samples == 1 else 0)
         figures = {"elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl, "loss": terms.loss_per_image,
                    "log_px": log_px.float(), "mse": mse(x_rec, x), "psnr": psnr(x_rec, x), "ssim": ssim(x_rec, x)}
         for k, v in figures.items():
             per_image[k].append(v)
         posterior_means.append(terms.posterior.mean)
         kl_dims += terms.posterior.kl_per_dim().double().sum(0)
+    bar.close()
     # One transfer to the host at the end; means and variances in float64.
     v = {k: torch.cat(t).double().cpu() for k, t in per_image.items()}  # each (N,)
     activity = torch.cat(posterior_means).double().var(0, correction=0).cpu()  # (latent_dim,): Var_x(E_q[z_u|x])
     return _report(vae, v, activity, kl_dims.cpu() / n, dims=images[0].numel(), iw_samples=iw_samples)
 
 
-def _iw_bound(vae: VAE, x: torch.Tensor, iw_samples: int, batch_size: int) -> torch.Tensor:
+def _iw_bound(vae: VAE, x: torch.Tensor, iw_samples: int, batch_size: int, bar: tqdm) -> torch.Tensor:
     """The importance-weighted bound of a batch, (B,) nats; each call decodes len(x[i:i + group]) * chunk <=
-    batch_size images."""
+    batch_size images; the progress bar advances by each group's samples."""
     chunk = min(iw_samples, batch_size)  # samples per image per decoder call
     group = max(1, batch_size // iw_samples)  # images per decoder call
-    return torch.cat([iw_log_likelihood(vae, x[i:i + group], iw_samples, chunk=chunk)
-                      for i in range(0, len(x), group)])
+    out = []
+    for i in range(0, len(x), group):
+        out.append(iw_log_likelihood(vae, x[i:i + group], iw_samples, chunk=chunk))
+        bar.update(len(x[i:i + group]) * iw_samples)
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def estimate_seconds(vae: VAE, images: SplitView, *, iw_samples: int, batch_size: int, device: torch.device,
+                     precision: str) -> float:
+    """Seconds `evaluate` will take, from one timed decoder call of batch_size samples (after a warm-up call): the
+    report needs about n * (K + 2) / batch_size such calls."""
+    x = to_float(images[:1], device)  # (1, C, H, W)
+    n = len(images)
+    with autocast(device, precision):
+        z = vae.encode(x).sample(min(batch_size, n * iw_samples)).reshape(-1, vae.config.latent_dim)  # (b, latent)
+        x_rep = x.expand(len(z), *x.shape[1:])
+        vae.decode(z).log_prob(x_rep)  # warm-up: first calls pay for allocation and kernel choice
+        start = time.perf_counter()
+        vae.decode(z).log_prob(x_rep).sum().item()  # .item(): wait for the device
+        seconds = time.perf_counter() - start
+    return math.ceil(n * (iw_samples + (2 if iw_samples > 1 else 1)) / len(z)) * seconds
+
+
+def check_duration(seconds: float, *, yes: bool, what: str) -> None:
+    """Refuse a job estimated beyond MAX_EVAL_HOURS unless `yes`; say the estimate when it is over a minute."""
+    if seconds > MAX_EVAL_HOURS * 3600 and not yes:
+        raise UserError(f"{what} would take about {_duration(seconds)} on this machine (more than {MAX_EVAL_HOURS} "
+                        f"hours); lower --iw-samples or --limit, or add --yes to run it anyway")
+    if seconds > 60:
+        print(f"facevae: {what} will take about {_duration(seconds)}", file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:,.0f} days"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds / 60:.0f} minutes"
 
 
 def _report(vae: VAE, v: dict[str, torch.Tensor], activity: torch.Tensor, kl_per_dim: torch.Tensor, *, dims: int,
@@ -106,36 +148,38 @@ def _report(vae: VAE, v: dict[str, torch.Tensor], activity: torch.Tensor, kl_per
 
 def evaluate_run(run: Run | str | Path, *, split: str = "test", iw_samples: int = 1, limit: int | None = None,
                  batch_size: int = 256, device: str | None = None, fid_weights: str | Path | None = None,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, data: str | None = None, yes: bool = False) -> dict[str, Any]:
     """Evaluate a run's model on a split of its data; write RUN_DIR/eval.json and return the report.
 
     Device, precision, memory layout and threads are the run's config choices, as in training (torch.compile is
     not used: evaluation batch shapes vary); `device` overrides the device. The random draws are seeded, so the same
     command gives the same numbers. FID is computed only when `fid_weights` names the Inception weights file and the
-    `fid` extra is installed; otherwise the report's "fid_note" says how to get it.
+    `fid` extra is installed; otherwise the report's "fid_note" says how to get it. The data comes from the run's
+    config.toml, or `data` (--data); a job estimated (after one timed decoder call) beyond MAX_EVAL_HOURS is refused
+    unless `yes`.
     """
     if iw_samples < 1:
         raise UserError(f"--iw-samples must be at least 1, got {iw_samples}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     run = Run(run)
-    vae = run.load_model()
+    run.check_writable()  # eval.json is written there: only into a run
+    vae = run.load_model(data=data)  # the data from config.toml or --data, never the weights' metadata
     config = vae.config
     dev, precision = setup(config, device=device)  # the run's hardware choices, as in training
     vae = vae.to(dev)
     if config.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
-    images = run.data(config, split)  # read through the memory-mapped cache, never copied whole
-    if limit is not None and not 1 <= limit <= len(images):
-        raise UserError(f"--limit {limit} is outside 1..{len(images)} (the '{split}' split has {len(images)} images)")
-    images = images.head(limit) if limit else images
-    if len(images) == 0:
-        raise UserError(f"the '{split}' split has no images")
+    images = _first(run.data(config, split), split, limit)  # read through the memory-mapped cache, never copied
     # The weights file is checked before the long evaluation: a bad one fails at once.
     extractor, fid_note = fid.load_extractor(fid_weights, dev) if fid_weights else (None, fid.NOTE_NO_WEIGHTS)
     if extractor is not None and len(images) < 2:
         raise UserError("FID needs at least 2 images; raise --limit")
+
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        check_duration(estimate_seconds(vae, images, iw_samples=iw_samples, batch_size=batch_size, device=dev,
+                                        precision=precision), yes=yes,
+                       what=f"evaluating {len(images):,} images with {iw_samples:,} importance samples each")
         torch.manual_seed(seed)
         report = evaluate(vae, images, iw_samples=iw_samples, batch_size=batch_size, device=dev, precision=precision,
                           progress=True)
@@ -151,6 +195,16 @@ def evaluate_run(run: Run | str | Path, *, split: str = "test", iw_samples: int 
                             "fid_weights": str(Path(fid_weights).resolve()) if fid_weights else None})
     run.write_eval(report)
     return report
+
+
+def _first(images: SplitView, split: str, limit: int | None) -> SplitView:
+    """The first `limit` images of a split (all without a limit); a UserError for a limit outside it or no images."""
+    if limit is not None and not 1 <= limit <= len(images):
+        raise UserError(f"--limit {limit} is outside 1..{len(images)} (the '{split}' split has {len(images)} images)")
+    images = images.head(limit) if limit else images
+    if len(images) == 0:
+        raise UserError(f"the '{split}' split has no images")
+    return images
 
 
 def _data_entry(config: Any, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
-from facevae.fileio import atomic_write
+from facevae.fileio import PNG_SOFTWARE, atomic_write
 from facevae.pixels import to_float, to_uint8
 
 CAPTION_SIZE = 11  # pixels; Pillow's built-in font at its default 10 drops the colon of "test:0"
+MAX_GRID_IMAGES = 4096  # faces in one picture: 64 rows of 64 at most (a 64x64 face grid of about 17 MB)
 
 
 def to_hwc(images: torch.Tensor) -> np.ndarray:
@@ -99,10 +101,10 @@ def save_png(image: Image.Image, *paths: str | Path) -> Path:
     """Encode a PNG once and write it atomically to each path (a half-written picture never replaces a good one);
     return the first path."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)  # marks the picture as facevae's: it may replace it later
+    image.save(buf, format="PNG", pnginfo=info)
     for path in map(Path, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, buf.getvalue())
     return Path(paths[0])
-
-

@@ -19,6 +19,7 @@ from torch import nn
 
 from facevae.config import Config
 from facevae.distributions import LIKELIHOODS, DiagonalGaussian, Likelihood
+from facevae.errors import UserError
 
 
 @dataclass
@@ -41,6 +42,8 @@ def elbo(posterior: DiagonalGaussian, likelihood: Likelihood, x: torch.Tensor, *
     per_image = kl_weight * kl - recon
     return ELBO(elbo=recon - kl, recon=recon, kl=kl, loss_per_image=per_image, loss=per_image.mean(),
                 x_mean=likelihood.mean, posterior=posterior)
+
+MAX_PARAMETERS = 250_000_000  # 1 GB of float32 weights: far above any network this toolkit's recipes build
 
 
 def down_block(cin: int, cout: int) -> nn.Sequential:
@@ -144,8 +147,21 @@ class VAE(nn.Module):
         return {"format": "facevae-model", "config": json.dumps(self.config.to_dict())}
 
 
+def expected_state(config: Config) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The name -> (shape, dtype) of every tensor of the network a config builds, computed on the meta device
+    (nothing allocated), after its parameter count is checked against MAX_PARAMETERS."""
+    with torch.device("meta"):
+        state = VAE(config).state_dict()
+    count = sum(t.numel() for t in state.values())
+    if count > MAX_PARAMETERS:
+        raise UserError(f"the network of this config has {count:,} parameters, more than facevae builds "
+                        f"({MAX_PARAMETERS:,}); use smaller widths, latent_dim or image_size")
+    return {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+
+
 def network_summary(config: Config) -> str:
     """A table of the network's layers with output shapes and parameter counts (torchinfo), as the deck's graph."""
+    expected_state(config)  # a network too large to build is refused before torchinfo builds it
     from torchinfo import summary
 
     class EncodeDecode(nn.Module):  # x -> posterior mean -> decoder parameters: every layer once, tensors only

@@ -13,23 +13,33 @@ tools, reports, export) take one too, and checks on what may be written into a r
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import facevae.checkpoint as ckpt
-from facevae.config import Config
-from facevae.data import SplitView, checked_cache, split_view
+from facevae.config import MAX_SEED, Config
+from facevae.data import NO_DATA, SplitView, checked_cache, split_view
 from facevae.errors import UserError
-from facevae.fileio import atomic_write
-from facevae.images import grid, pairs, save_png
+from facevae.fileio import (LOCK, MARKER, DirLock, atomic_write, check_output_dir, check_output_file, mark_dir,
+                            marker_kind)
+from facevae.images import MAX_GRID_IMAGES, grid, pairs, save_png
 from facevae.model import VAE
-from facevae.pixels import to_float
+from facevae.pixels import to_float, to_uint8
 
 # Keys that fix the network's shape: a resumed run cannot change them.
 ARCHITECTURE_KEYS = ("image_size", "channels", "widths", "latent_dim", "likelihood")
+DATA_KEYS = ("data", "split_scheme", "split_seed", "crop")  # what data a run's images come from
+CONFIG_HEADER = "# facevae run configuration"  # the first line of every config.toml facevae writes
+RUN_ENTRIES = {"config.toml", ckpt.MODEL_FILE, ckpt.CHECKPOINT_DIR, f"{ckpt.CHECKPOINT_DIR}.old",
+               f"{ckpt.CHECKPOINT_DIR}.new", "metrics.jsonl", "images", "eval.json", "attributes.safetensors", MARKER,
+               LOCK}  # everything a run of facevae holds
+DECODE_BATCH = 256  # images decoded at once for a picture: memory stays flat whatever -n is
 EVAL_KEYS = ("elbo_nats", "nll_iw_nats", "psnr_db", "likelihood")  # what makes a file an evaluation report
 
 
@@ -47,13 +57,54 @@ class Run:
     def __str__(self) -> str:
         return str(self.path)
 
+    # ------------------------------------------------------------ whose folder it is
+    def check_writable(self) -> None:
+        """Refuse (one line) a folder that is neither new, empty, nor a facevae run; reads only. A run made before
+        runs carried the marker is recognised by its entries (only a run's own names) and its config.toml."""
+        if self.path.is_dir() and marker_kind(self.path) is None and self._is_unmarked_run():
+            return
+        check_output_dir(self.path, "run")
+
+    def _is_unmarked_run(self) -> bool:
+        """Whether the folder holds only a run's own entries, with a config.toml that facevae wrote."""
+        with os.scandir(self.path) as entries:
+            names = {e.name for e in entries}
+        temporary = {n for n in names if n.startswith(".") and ".tmp-" in n}  # atomic_write's, left by a crash
+        if not names or not names <= RUN_ENTRIES | temporary:
+            return False
+        try:
+            with open(self.config_file, "rb") as f:
+                return f.readline().decode("utf-8", "replace").startswith(CONFIG_HEADER)
+        except OSError:
+            return False
+
+    def open_for_training(self, config: Config) -> DirLock:
+        """Create the folder (if new), mark it as a run, lock it (the lock is returned, held) and write the resolved
+        config.toml; only once the config and the data have been checked."""
+        try:
+            mark_dir(self.path, "run")
+            lock = DirLock(self.path, f"run {self}").__enter__()
+        except OSError as e:
+            raise UserError(f"cannot write to run directory {self}: {e.strerror or e}; "
+                            f"choose a writable --out") from None
+        with contextlib.ExitStack() as undo:
+            undo.callback(lock.__exit__, None, None, None)
+            self.write_config(config)
+            undo.pop_all()
+        return lock
+
     # ------------------------------------------------------------ config
     def resolve_config(self, base: Config | None, overrides: list[str]) -> Config:
         """The run's config: defaults < config file (else the run's saved config.toml when resuming) < overrides.
 
-        A run that has a checkpoint keeps its network: changing an architecture key is refused.
+        A run that has a checkpoint keeps its network: changing an architecture key is refused; a checkpoint whose
+        config.toml is gone needs --config. A folder that is not a run is refused before anything in it is read.
         """
-        saved = Config.from_toml(self.config_file) if self.config_file.is_file() else None
+        self.check_writable()
+        saved = Config.from_toml(self.config_file) if self.config_file.exists() else None
+        if saved is None and base is None and ckpt.has_checkpoint(self.path):
+            raise UserError(f"{self} has a checkpoint but no config.toml to say what network it holds; restore its "
+                            f"config.toml, or give the recipe it was trained with (--config FILE)")
         config = (base or saved or Config()).with_overrides(overrides).validate()
         if saved is not None and ckpt.has_checkpoint(self.path):
             changed = [k for k in ARCHITECTURE_KEYS if getattr(config, k) != getattr(saved, k)]
@@ -73,14 +124,28 @@ class Run:
                             f"choose a writable --out") from None
 
     # ------------------------------------------------------------ model and data
-    def load_model(self, *, device: str | torch.device = "cpu") -> VAE:
-        """The trained model, in eval mode, on `device` (CPU unless given)."""
+    def load_model(self, *, device: str | torch.device = "cpu", data: str | None = None) -> VAE:
+        """The trained model, in eval mode, on `device` (CPU unless given). Its config's data keys come from the
+        run's config.toml (or `data`, --data), never from the weights' metadata alone: a model file cannot make
+        facevae read a folder the user did not name."""
         if not self.path.is_dir():
             raise UserError(f"run directory {self} does not exist; train one with `facevae train --out {self}`")
         if not self.model_file.is_file():
             raise UserError(f"{self} holds no trained model ({ckpt.MODEL_FILE} is missing); "
                             f"train it with `facevae train --out {self}`")
-        return ckpt.load_model(self.model_file, device=device)
+        vae = ckpt.load_model(self.model_file, device=device)
+        vae.config = self.data_config(vae.config, data)
+        return vae
+
+    def data_config(self, config: Config, data: str | None = None) -> Config:
+        """`config` with its data keys from the run's config.toml, or `data` (--data) when given; without either,
+        no data (NO_DATA: a command that needs the run's images then says to give --data)."""
+        if data is not None:
+            return config.updated({"data": data}, source="--data").validate()
+        if not self.config_file.exists():
+            return dataclasses.replace(config, data=NO_DATA)
+        saved = Config.from_toml(self.config_file).validate()
+        return config.updated({k: getattr(saved, k) for k in DATA_KEYS})
 
     def data(self, config: Config, split: str) -> SplitView:
         """A split of the data the run's config names (prepared on first use), read through the cache."""
@@ -121,19 +186,40 @@ def load_run(run_dir: str | Path | Run, *, device: str | torch.device = "cpu") -
     return Run(run_dir).load_model(device=device)
 
 
-def _check_count(n: int) -> None:
-    if n < 1:
-        raise UserError(f"-n must be at least 1, got {n}")
+def check_count(n: int) -> None:
+    """-n of a picture: 1 to MAX_GRID_IMAGES."""
+    if not 1 <= n <= MAX_GRID_IMAGES:
+        raise UserError(f"-n must be at least 1 and at most {MAX_GRID_IMAGES} (one picture), got {n}")
 
 
-def reconstruct_run(run: str | Path | Run, *, split: str = "test", n: int = 32, out: str | Path | None = None) -> Path:
-    """The first n images of a split (upper rows) above their reconstructions (lower rows) as a PNG grid."""
-    _check_count(n)
+def sample_run(run: str | Path | Run, *, n: int = 64, seed: int = 0, out: str | Path | None = None,
+               force: bool = False) -> Path:
+    """n faces from a run's prior (means of p(x|z), z ~ N(0, I)) as a PNG grid (default RUN_DIR/images/sample.png),
+    decoded DECODE_BATCH at a time; `out` replaces only a picture facevae wrote, unless `force`."""
+    check_count(n)
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
     run = Run(run)
+    out = check_output_file(out or run.picture("sample.png"), force=force)
     vae = run.load_model()
+    generator = torch.Generator().manual_seed(seed)
+    faces = torch.cat([to_uint8(vae.sample(min(DECODE_BATCH, n - start), generator=generator))
+                       for start in range(0, n, DECODE_BATCH)])  # uint8 (n, C, H, W): a quarter of float's memory
+    return save_png(grid(faces), out)
+
+
+def reconstruct_run(run: str | Path | Run, *, split: str = "test", n: int = 32, out: str | Path | None = None,
+                    data: str | None = None, force: bool = False) -> Path:
+    """The first n images of a split (upper rows) above their reconstructions (lower rows) as a PNG grid; the data
+    from the run's config.toml (or `data`); `out` replaces only a picture facevae wrote, unless `force`."""
+    check_count(n)
+    run = Run(run)
+    out = check_output_file(out or run.picture("reconstruct.png"), force=force)
+    vae = run.load_model(data=data)
     real = run.data(vae.config, split)[:n]  # only these n images are read
-    rec = vae.reconstruct(to_float(real))
-    return save_png(grid(pairs(real, rec)), out or run.picture("reconstruct.png"))
+    rec = torch.cat([to_uint8(vae.reconstruct(to_float(real[i:i + DECODE_BATCH])))
+                     for i in range(0, len(real), DECODE_BATCH)])
+    return save_png(grid(pairs(real, rec)), out)
 
 
 @torch.no_grad()

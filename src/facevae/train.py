@@ -42,7 +42,7 @@ from facevae.errors import Interrupted, UserError, first_line
 from facevae.evaluate import evaluate
 from facevae.fileio import atomic_write
 from facevae.metrics import psnr
-from facevae.model import ELBO, VAE
+from facevae.model import ELBO, VAE, expected_state
 from facevae.pixels import to_float
 from facevae.run import Run, save_epoch_pictures
 
@@ -173,12 +173,24 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
 
     def truncate_after(self, step: int) -> None:
-        """Drop records newer than a checkpoint we resume from (a killed run may have logged past it)."""
+        """Drop records newer than a checkpoint we resume from (a killed run may have logged past it), and lines a
+        crash left half-written (said on stderr)."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(self.path, "".join(line + "\n" for line in keep))
+        keep, damaged = [], 0
+        with self.path.open("rb") as f:
+            for line in f:
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except (ValueError, RecursionError):
+                    record, damaged = None, damaged + 1
+                at = record.get("step", 0) if isinstance(record, dict) else None
+                if isinstance(at, int) and at <= step:
+                    keep.append(line.rstrip(b"\n") + b"\n")
+        if damaged:
+            _say(f"facevae: dropped {damaged} damaged line(s) of {self.path} (a crash in the middle of a write "
+                 f"leaves a partial line); resuming")
+        atomic_write(self.path, b"".join(keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -189,6 +201,9 @@ class MetricsLog:
 def train(config: Config, run_dir: str | Path | Run, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; return the last record (kind "epoch", or "max_steps")."""
     config.validate()
+    expected_state(config)  # the network's size is bounded before anything is built
+    run = Run(run_dir)
+    run.check_writable()  # before anything is read or written: a folder that is not a run is refused
     world = World.from_env()
     device, precision = setup(config)
     if device.type == "cuda" and world.size > 1:
@@ -198,7 +213,9 @@ def train(config: Config, run_dir: str | Path | Run, *, progress: bool = True) -
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
     world.init(device)
     try:
-        return Trainer(config, Run(run_dir), world, device, precision, progress=progress and world.is_main).fit()
+        with contextlib.ExitStack() as held:  # the run's lock, taken once the config and the data are checked
+            return Trainer(config, run, world, device, precision, progress=progress and world.is_main,
+                           held=held).fit()
     finally:
         world.close()
 
@@ -207,16 +224,15 @@ class Trainer:
     """One training run: the model, its optimiser, the data on the device, the state, and the loop."""
 
     def __init__(self, config: Config, run: Run, world: World, device: torch.device, precision: str, *,
-                 progress: bool):
+                 progress: bool, held: contextlib.ExitStack):
         self.config, self.run, self.world, self.device, self.precision = config, run, world, device, precision
         self.progress = progress
-        if world.is_main:
-            run.write_config(config)
         seed_everything(config.seed)
         if not world.is_main:
             world.barrier()  # rank 0 prepares the data first; the others then open the finished cache
         train_images, self.test_images = load_data(config, progress=progress)
-        if world.is_main:
+        if world.is_main:  # nothing is created before the config and the data are checked
+            held.enter_context(run.open_for_training(config))
             world.barrier()
         # uint8 on the device (4x smaller than float, converted per batch there); on the CPU the memory-mapped cache
         self.train_images = train_images.to(device)
@@ -251,9 +267,12 @@ class Trainer:
 
     def _resume(self, state: TrainState) -> TrainState:
         """The checkpoint's state (model, optimiser, scaler and RNGs restored), or `state` for a new run."""
+        self.saved_step: int | None = None  # the step of the last checkpoint on disk, for a failed run's message
         if not ckpt.has_checkpoint(self.run.path):
             return state
-        saved = ckpt.load_checkpoint(self.run.path, self.vae, self.optimizer)
+        saved = ckpt.load_checkpoint(self.run.path, self.vae, self.optimizer,
+                                     expected={**dataclasses.asdict(state), "scaler": {}})
+        self.saved_step = saved["step"]
         for group in self.optimizer.param_groups:  # a flag may have changed these for the rest of the run
             group["lr"], group["weight_decay"] = self.config.learning_rate, self.config.weight_decay
         if saved.get("scaler"):
@@ -361,9 +380,12 @@ class Trainer:
         self.meter.sync(s)
         s.seconds = time.perf_counter() - self.clock
         if s.bad_steps >= self.config.max_bad_steps:
+            # Skipped steps never change the weights, so the last checkpoint holds good ones; say when there is none.
+            where = (f"the last good checkpoint, at step {self.saved_step}, is in {self.run}"
+                     if self.saved_step is not None else
+                     f"no checkpoint had been written yet, so {self.run} holds nothing to resume")
             raise UserError(f"the loss or its gradient was not finite for {s.bad_steps} steps in a row (up to step "
-                            f"{s.step}); lower learning_rate or check the data; the last good checkpoint is in "
-                            f"{self.run}")
+                            f"{s.step}); lower learning_rate or check the data; {where}")
 
     def _log_step(self, epoch: int, kl_weight: float, stop: GracefulStop, bar: tqdm) -> bool:
         """Write a step record; return whether any process was asked to stop."""
@@ -394,6 +416,7 @@ class Trainer:
                 ckpt.save_model(self.vae, self.run.model_file, data=weights)
             ckpt.save_checkpoint(self.run.path, self.vae, self.optimizer,
                                  {**dataclasses.asdict(self.state), "scaler": self.scaler.state_dict()}, model=weights)
+            self.saved_step = self.state.step
         except OSError as e:
             why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
             raise UserError(f"could not write a checkpoint at step {self.state.step} ({why}); the previous checkpoint "

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from facevae.config import MAX_IMAGE_SIZE, MAX_SEED
 from facevae.data import celeba, folder, lfw
 from facevae.data.cache import Cache, Settings, cache_root, is_cache, load_cache
 from facevae.errors import UserError
+from facevae.fileio import DirLock, check_output_dir, check_path_text, mark_dir
 
 if TYPE_CHECKING:
     from facevae.config import Config
@@ -28,6 +30,7 @@ SOURCES: dict[str, ModuleType] = {
     "folder": folder,  # `folder:PATH`: any folder of images
 }
 SPEC_HELP = "use lfw, celeba:PATH, folder:PATH or the path of a prepared cache"
+NO_DATA = ""  # the data of a run whose config.toml is missing: unknown (a weights file's metadata is not trusted)
 
 
 class SplitView:
@@ -93,6 +96,10 @@ ImageSet = SplitView  # the public name of an opened split (facevae.ImageSet)
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
     """`lfw` -> ("lfw", None); `celeba:PATH` -> ("celeba", PATH); a cache directory -> ("cache", PATH)."""
+    check_path_text(spec, "the data SPEC")
+    if spec == NO_DATA:
+        raise UserError("no data source is known: a run without its config.toml names none (its weights' metadata is "
+                        "not trusted for that); restore the config.toml, or give --data SPEC")
     if spec in SOURCES:
         return spec, None
     kind, sep, rest = spec.partition(":")
@@ -115,27 +122,56 @@ def default_cache_path(spec: str, s: Settings) -> Path:
 
 
 def prepare(spec: str, *, size: int = 64, crop: int = 148, scheme: str = "official", seed: int = 0,
-            out: str | Path | None = None, progress: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Decode and resize a source once into a cache; return its path and manifest. A finished cache is reused."""
+            out: str | Path | None = None, max_pixels: int | None = None,
+            progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Decode and resize a source once into a cache; return its path and manifest. A finished cache is reused.
+
+    `out` must be new, an empty folder or a cache of the same settings: nothing else is ever written into or
+    removed. The cache is written under `<out>.partial/` (marked as facevae's), locked against a second prepare of
+    it. `max_pixels`: the largest image decoded (facevae.data.decode.MAX_PIXELS by default); larger ones are skipped
+    and named.
+    """
     kind, path = parse_spec(spec)
     if kind == "cache":
         cache = load_cache(path)
         return cache.path, cache.manifest
+    _check_settings(size=size, crop=crop, seed=seed, max_pixels=max_pixels)
+    s = Settings(size=size, crop=crop, scheme=scheme, seed=seed, max_pixels=max_pixels)
+    target = Path(out).expanduser() if out else default_cache_path(spec, s)
+    target = target if target.name else target.resolve()  # "." or "..": the folder's own name
+    if is_cache(target):
+        return target, _reuse(target, SOURCES[kind], s)
+    partial = target.with_name(target.name + ".partial") if target.name else target  # "/": refused just below
+    check_output_dir(target, "cache")
+    check_output_dir(partial, "cache", what=f"{partial} (where prepare keeps the cache while it is made)")
+    mark_dir(partial, "cache")
+    with DirLock(partial, f"the cache being prepared at {target}"):
+        if is_cache(target):  # another process finished it meanwhile
+            return target, _reuse(target, SOURCES[kind], s)
+        return target, SOURCES[kind].prepare(path, target, s, progress=progress)
+
+
+def _check_settings(*, size: int, crop: int, seed: int, max_pixels: int | None) -> None:
+    """prepare's numbers, each in its range, before any work."""
     if size < 1 or crop < 1:
         raise UserError(f"--size and --crop must be positive (got size {size}, crop {crop})")
-    s = Settings(size=size, crop=crop, scheme=scheme, seed=seed)
-    source = SOURCES[kind]
-    target = Path(out) if out else default_cache_path(spec, s)
-    if is_cache(target):
-        manifest = load_cache(target).manifest
-        wanted = source.identity(s)
-        have = {k: manifest.get(k) for k in wanted}
-        if have == wanted:
-            return target, manifest
+    if size > MAX_IMAGE_SIZE:
+        raise UserError(f"--size {size} is larger than facevae trains on ({MAX_IMAGE_SIZE}); choose a smaller size")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+    if max_pixels is not None and max_pixels < size * size:
+        raise UserError(f"--max-pixels {max_pixels} is smaller than one {size}x{size} image")
+
+
+def _reuse(target: Path, source: ModuleType, s: Settings) -> dict[str, Any]:
+    """The manifest of the finished cache at `target` when it was made with these settings; else a UserError."""
+    manifest = load_cache(target).manifest
+    wanted = source.identity(s)
+    have = {k: manifest.get(k) for k in wanted}
+    if have != wanted:
         raise UserError(f"{target} already holds a cache made with other settings ({have}, not {wanted}); "
                         f"choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return target, source.prepare(path, target, s, progress=progress)
+    return manifest
 
 
 def open_dataset(spec: str = "lfw", split: str = "test", *, size: int = 64, crop: int = 148,

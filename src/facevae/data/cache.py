@@ -53,6 +53,7 @@ class Settings:
     crop: int = 148  # CelebA only
     scheme: str = "official"  # CelebA only: official or deck
     seed: int = 0  # the deck scheme's seed
+    max_pixels: int | None = None  # the pixel budget of one decoded image (None: decode.MAX_PIXELS); not an identity
 
 
 def path_tag(kind: str, path: str | Path) -> str:
@@ -90,29 +91,72 @@ class Cache:
         return np.flatnonzero(self.split_codes == names.index(split)).astype(np.int64)
 
 
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest names skipped files: some MB for CelebA-sized sources
+
+
 def load_cache(path: str | Path) -> Cache:
-    """Open a finished cache; refuse one whose format version this facevae does not know."""
+    """Open a finished cache; refuse one whose format version this facevae does not know. Every .npy header is
+    checked against its file's size (and the others' shapes) before anything is mapped or read."""
     path = Path(path)
+    manifest = read_manifest(path)
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        shape = npy_shape(path / "images.npy", np.uint8, ndim=4)
+        codes = npy_shape(path / "splits.npy", np.int8, ndim=1)
+        names = manifest.get("attribute_names", [])
+        attributes = path / "attributes.npy"
+        if codes != shape[:1] or (attributes.exists() and
+                                  npy_shape(attributes, np.int8, ndim=2) != (shape[0], len(names))):
+            raise ValueError(f"images {shape}, split codes {codes}, {len(names)} attribute names disagree")
+        images = np.load(path / "images.npy", mmap_mode="c")  # copy-on-write: torch can wrap it; never written
+        split_codes = np.load(path / "splits.npy")
+        attributes = np.load(attributes) if attributes.exists() else None
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"cache {path} is damaged ({' '.join(str(e).split())[:200]}); delete it and prepare the "
+                        f"data again") from None
+    return Cache(path, manifest, images, split_codes, attributes)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A cache's manifest.json, checked: a JSON object of this format version with its split names."""
+    file = path / MANIFEST
+    try:
+        if file.stat().st_size > MAX_MANIFEST_BYTES:
+            raise UserError(f"{file} is larger than {MAX_MANIFEST_BYTES >> 20} MB; it is not a facevae manifest")
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} is not a prepared data cache (no {MANIFEST}); run `facevae prepare` first") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path / MANIFEST} is damaged ({e}); delete the cache and prepare it again") from None
-    version = manifest.get("format_version")
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{file} is damaged ({' '.join(str(e).split())[:200] or 'nested too deeply'}); delete the "
+                        f"cache and prepare it again") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
-        raise UserError(f"cache {path} has format version {version}, this facevae reads version {FORMAT_VERSION}; "
-                        f"prepare the data again")
-    try:
-        images = np.load(path / "images.npy", mmap_mode="c")  # copy-on-write: torch can wrap it; the file is never written
-        split_codes = np.load(path / "splits.npy")
-        attributes = np.load(path / "attributes.npy") if (path / "attributes.npy").exists() else None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cache {path} is damaged ({e}); delete it and prepare the data again") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or len(split_codes) != len(images):
-        raise UserError(f"cache {path} is inconsistent (images {images.shape} {images.dtype}, "
-                        f"{len(split_codes)} split codes); delete it and prepare the data again")
-    return Cache(path, manifest, images, split_codes, attributes)
+        raise UserError(f"cache {path} has format version {str(version)[:20]}, this facevae reads version "
+                        f"{FORMAT_VERSION}; prepare the data again")
+    names, counts = manifest.get("split_names"), manifest.get("splits", {})
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names) and isinstance(counts, dict)
+            and isinstance(manifest.get("attribute_names", []), list)):
+        raise UserError(f"{file} is damaged (no list of split names); delete the cache and prepare it again")
+    return manifest
+
+
+def npy_shape(path: Path, dtype: type, *, ndim: int) -> tuple[int, ...]:
+    """The shape of a C-order .npy file of `dtype` and `ndim` dimensions, read from its header and checked against
+    the file's size, so that nothing is allocated from a header that lies; ValueError otherwise."""
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)  # literal_eval'd header, at most 10,000 bytes: no code runs
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            header = read(f)  # (shape, fortran_order, dtype)
+        except (ValueError, EOFError, SyntaxError, TypeError) as e:
+            raise ValueError(f"{path.name} has no .npy header: {e}") from None
+        shape, fortran, found = header
+        offset = f.tell()
+    if found != np.dtype(dtype) or fortran or len(shape) != ndim:
+        raise ValueError(f"{path.name} holds {found} {shape}, not {np.dtype(dtype)} of {ndim} dimension(s)")
+    size = os.stat(path).st_size
+    if offset + int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize != size:
+        raise ValueError(f"{path.name}'s header says {shape} but the file holds {size - offset:,} bytes of data")
+    return tuple(int(n) for n in shape)
 
 
 class CacheWriter:
@@ -225,9 +269,13 @@ class CacheWriter:
             (self.partial / name).unlink(missing_ok=True)
         fsync_tree(self.partial)
         del self.images  # close the memory map before the rename
-        if self.final.exists():
-            shutil.rmtree(self.final)
-        os.replace(self.partial, self.final)
+        try:
+            if self.final.exists():
+                self.final.rmdir()  # an empty folder the user named (prepare refuses any other); never a tree
+            os.replace(self.partial, self.final)
+        except OSError as e:
+            raise UserError(f"could not move the prepared cache to {self.final} ({e.strerror}); it is complete in "
+                            f"{self.partial}: move it there yourself") from None
         fsync_path(self.final.parent)
         return full
 
@@ -243,12 +291,11 @@ def _read_key(path: Path) -> str | None:
 def _read_done(path: Path, count: int) -> np.ndarray:
     """A partial cache's done mask, bool (count,); all False when absent or damaged."""
     try:
-        done = np.load(path)
+        if npy_shape(path, np.bool_, ndim=1) == (count,):
+            return np.load(path)
     except (OSError, ValueError):
-        return np.zeros(count, dtype=bool)
-    if done.dtype != bool or done.shape != (count,):
-        return np.zeros(count, dtype=bool)
-    return done
+        pass
+    return np.zeros(count, dtype=bool)
 
 
 def _runs(index: np.ndarray) -> list[tuple[int, int]]:

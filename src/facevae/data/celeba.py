@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from facevae.data.cache import SPLIT_NAMES, Settings, path_tag, seeded_split
-from facevae.data.decode import RESAMPLE_NAME, decode_all, job_key, report_skipped
+from facevae.data.decode import RESAMPLE_NAME, decode_all, job_key, report_skipped, scan_folder
 from facevae.errors import UserError
 
 IMAGE_DIR = "img_align_celeba"
@@ -157,14 +157,17 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], np.ndarray, dict[
     """list_attr_celeba.txt/.csv -> (attribute names, file names, int8 (R, A) of -1/1, {file: reason} of bad rows)."""
     csv = path.suffix.lower() == ".csv"
     lines = _lines(path)
-    attribute_names = _attribute_header(path, lines, csv)
+    attribute_names, first_row = _attribute_header(path, lines, csv)
     count = len(attribute_names)
     files: list[str] = []
 
     def rows() -> Iterator[str]:
-        """The table rows, streamed to numpy while their file names are collected (no list of lines is held)."""
-        for line in lines:
-            files.append(line.split("," if csv else None, 1)[0].strip())
+        """The table rows, streamed to numpy while their file names are collected (no list of lines is held); a row
+        wider than the header, or a first row of another width, is refused (numpy would drop a column silently)."""
+        for number, line in enumerate(lines, start=first_row):
+            fields = _split_row(line, csv)
+            _check_row_width(path, number, len(fields) - 1, count, first=not files)
+            files.append(fields[0])
             yield line
 
     try:  # fast path: numpy parses the table in C; a malformed row sends it to the slow path
@@ -177,6 +180,7 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], np.ndarray, dict[
         files, values, good = _attribute_rows(path, csv, count)
     if not files:
         raise UserError(f"{path} holds no attribute rows; it should hold '<file> <{count} values of 1 or -1>'")
+    _check_unique(path, files, first_row)
     ok = good & ((values >= -1) & (values <= 1)).all(axis=1)  # bool (R,); int8 throughout, no int64 copies
     bad = {files[i]: f"bad list line: its row in {path.name} does not hold {count} values of 1 or -1"
            for i in np.flatnonzero(~ok)}
@@ -185,30 +189,52 @@ def read_attributes(path: Path) -> tuple[list[str], list[str], np.ndarray, dict[
     return attribute_names, [f for f, keep in zip(files, ok) if keep], table, bad
 
 
-def _attribute_header(path: Path, lines: Iterator[str], csv: bool) -> list[str]:
+def _check_row_width(path: Path, number: int, width: int, count: int, *, first: bool) -> None:
+    """A row of `width` values under a header of `count` names: wider is refused (a column would be lost), and so is
+    a first row of another width (header and table disagree); a later, shorter row is a damaged row, skipped."""
+    if width > count or (first and width != count):
+        raise UserError(f"{path.name} line {number}: {width} values under a header that names {count} attributes; "
+                        f"the header and the rows must agree")
+
+
+def _check_unique(path: Path, files: list[str], first_row: int) -> None:
+    """Refuse an attribute list that gives one file two rows (which would be used is a guess)."""
+    seen: dict[str, int] = {}
+    for number, name in enumerate(files, start=first_row):
+        if name in seen:
+            raise UserError(f"{path.name} line {number}: {name[:80]} has a row already (line {seen[name]}); each "
+                            f"image must have one row")
+        seen[name] = number
+
+
+def _attribute_header(path: Path, lines: Iterator[str], csv: bool) -> tuple[list[str], int]:
     """Read the attribute names from the start of `lines`: the .txt list's count line and names line, or the CSV
-    header "image_id,..."; `lines` is left at the first row."""
+    header "image_id,..."; `lines` is left at the first row, whose line number is returned with the names (the
+    count counts non-empty lines)."""
     first = next(lines, None)
+    row = 2
     if first is not None and not csv and first.strip().isdigit():
         first = next(lines, None)  # the count line of the .txt list (the rows are what counts)
+        row = 3
     if first is None:
         raise UserError(f"{path} is empty; it should hold the 40 CelebA attributes")
     header = _split_row(first, csv)
     names = header[1:] if csv or header[0].lower() == "image_id" else header
     if not names:
         raise UserError(f"{path} names no attributes on its header line; it should name the 40 CelebA attributes")
-    return names
+    return names, row
 
 
 def _attribute_rows(path: Path, csv: bool, count: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Row-by-row parse of an attribute list: file names, values int8 (R, count), bool (R,) well-formed rows."""
     lines = _lines(path)
-    _attribute_header(path, lines, csv)
+    _, first_row = _attribute_header(path, lines, csv)
     files: list[str] = []
     rows: list[list[int]] = []
     good: list[bool] = []
-    for line in lines:
+    for number, line in enumerate(lines, start=first_row):
         fields = _split_row(line, csv)
+        _check_row_width(path, number, len(fields) - 1, count, first=not files)
         files.append(fields[0])
         try:
             values = [int(v) for v in fields[1:]]
@@ -220,10 +246,17 @@ def _attribute_rows(path: Path, csv: bool, count: int) -> tuple[list[str], np.nd
     return files, np.array(rows, dtype=np.int8).reshape(len(files), count), np.array(good, dtype=bool)
 
 
-def _list_files(folder: Path) -> set[str]:
-    """The names of the regular files in a folder (not recursive)."""
-    with os.scandir(folder) as entries:
-        return {e.name for e in entries if e.is_file()}
+def _list_files(folder: Path) -> tuple[set[str], dict[str, str]]:
+    """The regular files of the image folder (links to regular files included; pipes and devices never), and
+    {name: target} of the links among them that lead out of the dataset's folder."""
+    listing = scan_folder(str(folder), str(folder.parent.resolve()))
+    return set(listing.files), listing.outside
+
+
+def _links_outside(images: Path, names: list[str]) -> dict[str, str]:
+    """{name: target} of the used image files that are links leading out of the dataset's folder."""
+    used = set(names)
+    return {n: target for n, target in _list_files(images)[1].items() if n in used}
 
 
 def deck_test_count(count: int) -> int:
@@ -237,7 +270,7 @@ def select(layout: Layout) -> tuple[list[str], np.ndarray, list[str], np.ndarray
     attribute_names, attr_files, table, bad_rows = read_attributes(layout.attributes)
     skipped = [{"file": f, "reason": reason} for f, reason in bad_lines.items()]
     row_of = {f: i for i, f in enumerate(attr_files)}
-    present = _list_files(layout.images)
+    present, _ = _list_files(layout.images)
     keep: list[int] = []
     seen: set[str] = set(bad_lines)  # files already accounted for
     missing = no_attributes = 0
@@ -300,7 +333,8 @@ def prepare(path: str | Path, out: Path, s: Settings, *, progress: bool) -> dict
               f"resize to {size}x{size}", file=sys.stderr)
     key = job_key(kind="celeba", images=str(layout.images), crop=crop, size=size, names=names)
     writer, kept, failed = decode_all(out, layout.images, names, crop=crop, size=size, progress=progress,
-                                      attribute_names=attribute_names, key=key, what=str(layout.images))
+                                      attribute_names=attribute_names, key=key, what=str(layout.images),
+                                      max_pixels=s.max_pixels)
     skipped += failed
     # splits and attributes of the images that were kept (failed decodes were dropped from the cache)
     if split == "official":
@@ -317,6 +351,7 @@ def prepare(path: str | Path, out: Path, s: Settings, *, progress: bool) -> dict
         "resample": RESAMPLE_NAME,
         "split": _scheme_entry(s),
         "skipped": skipped,
+        "links_outside": _links_outside(layout.images, names),
     })
     report_skipped(manifest, out)
     return manifest

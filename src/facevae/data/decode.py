@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -47,6 +48,13 @@ DRAFT_MARGIN = 2
 DECODER_VERSION = 1  # bump when the pixels a given file decodes to change (invalidates partial caches)
 SAVE_EVERY_S = 5.0  # seconds between saves of the done-mask
 MAX_WORKERS = 8
+# The pixel budget of one decoded image (after reduced JPEG decoding): a 6000x4000 photo. Far above CelebA's 178x218,
+# and it keeps a worker's memory near 100 MB (RGBA plus its RGB copy) where a 13000x13000 PNG would need 3.5 GB.
+MAX_PIXELS = 24_000_000
+# A JPEG codes every 8x8 block of every component in at least a bit or so (a flat block: a DC difference and an
+# end-of-block code); a file with less than one byte per JPEG_PIXELS_PER_BYTE pixels of its header's size has lost
+# its data (libjpeg would fill the rest with grey without an error).
+JPEG_PIXELS_PER_BYTE = 2048
 ORIENTATION = 0x0112  # EXIF tag: how a camera photo must be turned to stand upright
 
 
@@ -64,6 +72,37 @@ def worker_count() -> int:
     return workers
 
 
+@dataclass
+class Listing:
+    """One folder's entries as prepare sees them."""
+
+    files: list[str]  # regular files and links to regular files
+    folders: list[str]  # sub-folders (links to folders are not followed)
+    refused: dict[str, str]  # name -> why it is never opened (a pipe, a device, a broken link)
+    outside: dict[str, str]  # name -> the resolved target of a link that leads out of the source folder
+
+
+def scan_folder(folder: str, root: str) -> Listing:
+    """The entries of `folder` (not recursive; hidden names passed over); `root`: the resolved source folder that
+    links are checked against. Raises OSError when the folder cannot be read."""
+    listing = Listing([], [], {}, {})
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                listing.folders.append(entry.name)
+            elif not entry.is_file():  # follows a link: what it leads to must be a regular file
+                kind = "a broken link" if entry.is_symlink() else "a pipe, device or socket"
+                listing.refused[entry.name] = f"not a regular file: {kind} is never read"
+            else:
+                listing.files.append(entry.name)
+                target = os.path.realpath(entry.path) if entry.is_symlink() else None
+                if target is not None and os.path.commonpath([target, root]) != root:
+                    listing.outside[entry.name] = target
+    return listing
+
+
 def draft_factor(side: int, size: int) -> int:
     """The JPEG reduction (1, 2, 4 or 8) allowed for a `side` px crop resized to `size` px."""
     for factor in (8, 4, 2):
@@ -72,9 +111,34 @@ def draft_factor(side: int, size: int) -> int:
     return 1
 
 
-def load_square(path: str, *, crop: int | None, size: int, draft: bool = True) -> np.ndarray:
+class BadImage(ValueError):
+    """An image file refused before it is decoded; the message is the reason named in the manifest."""
+
+
+def open_regular(path: str):
+    """A regular file (or a link to one) opened for reading; a FIFO, device or socket is refused without blocking."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadImage("not a regular file: a pipe, device or socket is never read")
+    return os.fdopen(fd, "rb")
+
+
+def _check_budget(im: Image.Image, stored: tuple[int, int], file_size: int, max_pixels: int) -> None:
+    """Refuse an image over the pixel budget (as it will be decoded) or a JPEG whose data ends long before the size
+    its header gives."""
+    w, h = im.size
+    if w * h > max_pixels:
+        raise BadImage(f"too large: {w}x{h} pixels to decode, more than the budget of {max_pixels:,} (--max-pixels)")
+    if im.format == "JPEG" and file_size * JPEG_PIXELS_PER_BYTE < stored[0] * stored[1]:
+        raise BadImage(f"truncated: {file_size:,} bytes cannot hold the {stored[0]}x{stored[1]} pixels its header "
+                       f"gives")
+
+
+def load_square(path: str, *, crop: int | None, size: int, draft: bool = True,
+                max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode one image, center-crop a square (`crop` px, or the largest one), resize it: uint8 (3, size, size)."""
-    with Image.open(path) as im:
+    with open_regular(path) as f, Image.open(f) as im:
         w, h = im.size  # as stored, before any EXIF turn
         side = min(w, h) if crop is None else min(crop, w, h)
         scale = 1.0  # stored pixels per decoded pixel
@@ -83,6 +147,7 @@ def load_square(path: str, *, crop: int | None, size: int, draft: bool = True) -
             got = im.draft("RGB", (max(1, w // factor), max(1, h // factor)))
             if got is not None:
                 scale = w / got[1][2]  # draft returns the decoded box, in stored pixels / factor
+        _check_budget(im, (w, h), os.fstat(f.fileno()).st_size, max_pixels)
         rgb = _to_rgb(im)  # decodes; after that, the EXIF data of any format is in im.info
         orientation = _orientation(im) if "exif" in im.info else 1
         if orientation in _TRANSPOSE:
@@ -129,6 +194,8 @@ def failure_reason(error: Exception) -> str:
         return "missing: the file disappeared while preparing"
     if isinstance(error, UnidentifiedImageError):
         return "not an image: its contents are not a known image format"
+    if isinstance(error, BadImage):
+        return str(error)
     text = " ".join(str(error).split())[:200] or type(error).__name__
     if "truncated" in text.lower():
         return f"unreadable: truncated ({text})"
@@ -146,6 +213,7 @@ class _Job:
     image_file: str
     offset: int  # bytes of the .npy header
     pool: bool  # running in a worker process (ignore Ctrl-C there: the parent stops the pool)
+    max_pixels: int = MAX_PIXELS  # the pixel budget of one decoded image
 
 
 _job: _Job | None = None
@@ -156,10 +224,33 @@ def _start(job: _Job) -> None:
     """Set up a decoding process: remember the job, open images.npy for writing by offset."""
     global _job, _fd
     if job.pool:
+        exit_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         warnings.simplefilter("ignore")  # Pillow's warnings about odd files would garble the progress bar
     _job = job
     _fd = os.open(job.image_file, os.O_WRONLY)
+
+
+def exit_with_parent() -> None:
+    """Make this worker process end when its parent dies, even by kill -9: on Linux the kernel sends SIGKILL
+    (prctl PR_SET_PDEATHSIG); elsewhere a thread polls the parent's pid once a second."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # the parent died before the call: nobody will send the signal
+                os._exit(1)
+            return
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _stop() -> None:
@@ -179,7 +270,8 @@ def _decode_chunk(slots: np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]
     failed: list[tuple[int, str]] = []
     for slot in slots.tolist():
         try:
-            pixels = load_square(os.path.join(job.root, job.names[slot]), crop=job.crop, size=job.size)
+            pixels = load_square(os.path.join(job.root, job.names[slot]), crop=job.crop, size=job.size,
+                                 max_pixels=job.max_pixels)
         except Exception as e:  # any decoder error means this file cannot be used; it is reported, not raised
             failed.append((slot, failure_reason(e)))
             continue
@@ -219,7 +311,7 @@ def _results(job: _Job, chunks: list[np.ndarray], workers: int) -> Iterator[tupl
 
 
 def decode_into(writer: CacheWriter, root: Path, names: list[str], *, crop: int | None, size: int,
-                progress: bool, desc: str = "prepare") -> dict[int, str]:
+                progress: bool, desc: str = "prepare", max_pixels: int = MAX_PIXELS) -> dict[int, str]:
     """Decode every image not yet done into writer.images by slot; return {slot: reason} of those that failed."""
     todo = np.flatnonzero(~writer.done)
     failures: dict[int, str] = {}
@@ -228,7 +320,8 @@ def decode_into(writer: CacheWriter, root: Path, names: list[str], *, crop: int 
     workers = min(worker_count(), math.ceil(len(todo) / 8))
     chunk = min(256, max(8, math.ceil(len(todo) / (workers * 8))))  # a few chunks per worker at least
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
-    job = _Job(str(root), names, crop, size, str(writer.image_file), int(writer.images.offset), pool=workers > 1)
+    job = _Job(str(root), names, crop, size, str(writer.image_file), int(writer.images.offset), pool=workers > 1,
+               max_pixels=max_pixels)
     results = _results(job, chunks, workers)
     bar = None
     saved = time.monotonic()
@@ -266,7 +359,8 @@ def job_key(**parts: Any) -> str:
 
 
 def decode_all(out: Path, root: Path, names: list[str], *, crop: int | None, size: int, progress: bool,
-               attribute_names: list[str] | None, key: str, what: str) -> tuple[CacheWriter, np.ndarray, list]:
+               attribute_names: list[str] | None, key: str, what: str,
+               max_pixels: int | None = None) -> tuple[CacheWriter, np.ndarray, list]:
     """Decode `names` (relative to `root`) into a partial cache at `out`, dropping the files that fail.
 
     Returns the writer (images compacted to the usable files), the indices into `names` that were kept, and the
@@ -276,7 +370,8 @@ def decode_all(out: Path, root: Path, names: list[str], *, crop: int | None, siz
     if writer.resumed and writer.done.any() and progress:
         print(f"facevae: resuming an interrupted prepare ({int(writer.done.sum()):,} of {len(names):,} images "
               f"already done)", file=sys.stderr)
-    failures = decode_into(writer, root, names, crop=crop, size=size, progress=progress)
+    failures = decode_into(writer, root, names, crop=crop, size=size, progress=progress,
+                           max_pixels=max_pixels or MAX_PIXELS)
     keep = writer.done.copy()
     skipped = [{"file": names[slot], "reason": reason} for slot, reason in sorted(failures.items())]
     if not keep.any():
