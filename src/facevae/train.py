@@ -232,7 +232,7 @@ class Trainer:
             world.barrier()  # rank 0 prepares the data first; the others then open the finished cache
         train_images, self.test_images = load_data(config, progress=progress)
         if world.is_main:  # nothing is created before the config and the data are checked
-            held.enter_context(run.open_for_training(config))
+            held.push(run.open_for_training(config))  # already held: released when `held` closes
             world.barrier()
         # uint8 on the device (4x smaller than float, converted per batch there); on the CPU the memory-mapped cache
         self.train_images = train_images.to(device)
