@@ -197,7 +197,7 @@ def test_prepare_workers_exit_when_the_parent_is_killed(tmp_path):
     cf.make_folder(tmp_path / "photos")
     script = ("import time, facevae.data.decode as d\n"
               "real = d.load_square\n"
-              "def slow(*a, **k):\n    time.sleep(0.5)\n    return real(*a, **k)\n"
+              "def slow(*a, **k):\n    time.sleep(3)\n    return real(*a, **k)\n"
               "d.load_square = slow\n"
               f"from facevae.data import prepare\nprepare('folder:{tmp_path / 'photos'}', out='{tmp_path / 'c'}')\n")
     parent = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "FACEVAE_WORKERS": "2"},
