@@ -64,6 +64,7 @@ def lfw_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lfw-run")
     config = Config(data="lfw", image_size=32, channels=1, widths=[8, 16], latent_dim=4).validate()
     save_model(VAE(config).eval(), out / MODEL_FILE)
+    (out / "config.toml").write_text(config.to_toml())  # a run's data comes from its config.toml
     return out
 
 
@@ -101,6 +102,7 @@ def test_vectors_of_another_model_are_computed_again(run_dir, tmp_path):
     with torch.no_grad():
         vae.encoder.to_mean.bias += 1.0  # every code moves: a different model
     save_model(vae, other / MODEL_FILE)
+    (other / "config.toml").write_bytes((run_dir / "config.toml").read_bytes())  # the data: never from the weights
     load_attribute_vectors(run_dir)  # saved in the run, then copied beside the other model
     for name in (VECTORS_FILE, INDEX_FILE):
         (other / name).write_bytes((run_dir / name).read_bytes())

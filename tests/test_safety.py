@@ -129,14 +129,19 @@ def test_a_run_made_before_markers_is_still_resumed(run_copy):
     assert (run_copy / MARKER).is_file()
 
 
-@pytest.mark.parametrize("command", ["sample", "reconstruct", "compare"])
+PICTURE_ARGS = {"sample": ["-n", "4"], "reconstruct": ["-n", "4"], "compare": ["-n", "4"],
+                "interpolate": ["test:0", "test:1"], "analogy": ["test:0", "test:1", "test:2"],
+                "traverse": ["--dims", "2"]}
+
+
+@pytest.mark.parametrize("command", list(PICTURE_ARGS))
 def test_picture_outputs_replace_only_facevae_pictures(command, tmp_path, capsys):
     run = make_run(tmp_path / "run")
     target = tmp_path / "mine.png"
     target.write_bytes(b"my own picture")
     if command == "compare":
         assert main(["evaluate", str(run), "--limit", "2"]) == 0
-    argv = [command, str(run), "-n", "4", "--out", str(target)]
+    argv = [command, str(run), *PICTURE_ARGS[command], "--out", str(target)]
     capsys.readouterr()
     assert main(argv) == 2
     assert "facevae did not write it" in one_line(capsys) and target.read_bytes() == b"my own picture"
@@ -144,7 +149,7 @@ def test_picture_outputs_replace_only_facevae_pictures(command, tmp_path, capsys
     assert main(argv) == 0  # a picture facevae wrote is replaced without --force
     capsys.readouterr()
     for out, message in ((tmp_path, "is a folder"), (tmp_path / "faces.jpg", "does not end in .png")):
-        assert main([command, str(run), "-n", "4", "--out", str(out)]) == 2
+        assert main([command, str(run), *PICTURE_ARGS[command], "--out", str(out)]) == 2
         assert message in one_line(capsys)
 
 

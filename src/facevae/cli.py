@@ -92,6 +92,11 @@ def _run_commands(sub: Any, d: "Config") -> None:
     s.add_argument("--data", help="data SPEC (default: each run's config.toml)")
     s.add_argument("--force", action="store_true", help="replace --out even if facevae did not write it")
 
+    s = sub.add_parser("summary", help="the network's layers, output shapes and parameter counts")
+    s.add_argument("run_dir", nargs="?", help="a run directory (else the config's network)")
+    s.add_argument("--config", help="a TOML recipe")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+
 
 def _making_commands(sub: Any) -> None:
     """sample, reconstruct, interpolate, traverse, attributes, edit, analogy: the commands that make faces."""

@@ -19,7 +19,7 @@ from facevae.faces import (analogy, decode, edit, encode, encode_split, face_lab
 from facevae.images import labelled_grid, save_png
 from facevae.latent import MODES, latent_grid, latent_path
 from facevae.metrics import psnr
-from facevae.run import Run
+from facevae.run import Run, check_count, prior_faces
 
 TRAVERSAL_COLUMNS = 7  # values from -range to +range
 ATTRIBUTE_AMOUNTS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # the attributes picture: each vector's multiples around z = 0
@@ -40,7 +40,7 @@ def reconstruct_faces(run: str | Path | Run, faces: list[str], *, out: str | Pat
                       force: bool = False) -> dict[str, Any]:
     """Each face beside its reconstruction (the decoded posterior mean), one row per face."""
     run = Run(run)
-    path = _out(run, "reconstruct", out, force)
+    target = _out(run, "reconstruct", out, force)
     vae = run.load_model()
     images = load_faces(vae.config, faces)  # uint8 (N, C, S, S)
     rec = decode(vae, encode(vae, images))  # (N, C, S, S) in [0, 1]
@@ -49,7 +49,7 @@ def reconstruct_faces(run: str | Path | Run, faces: list[str], *, out: str | Pat
     picture = labelled_grid([torch.stack(pair) for pair in zip(x, rec)], row_labels=[face_label(f) for f in faces],
                             column_labels=["input", "reconstruction"])
     rows = [{"face": f, "mse": m, "psnr_db": p} for f, m, p in zip(faces, mse.tolist(), psnr(rec, x).tolist())]
-    return {"out": str(save_png(picture, path)), "faces": rows}
+    return {"out": str(save_png(picture, target)), "faces": rows}
 
 
 def interpolate_faces(run: str | Path | Run, a: str, b: str, *, steps: int = 8, mode: str = "slerp",
@@ -60,7 +60,7 @@ def interpolate_faces(run: str | Path | Run, a: str, b: str, *, steps: int = 8, 
     if mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
     run = Run(run)
-    path = _out(run, "interpolate", out, force)
+    target = _out(run, "interpolate", out, force)
     vae = run.load_model()
     images = load_faces(vae.config, [a, b])
     faces = interpolate(vae, images[0], images[1], steps=steps, mode=mode)
@@ -71,7 +71,7 @@ def interpolate_faces(run: str | Path | Run, a: str, b: str, *, steps: int = 8, 
     picture = labelled_grid([row], row_labels=[mode],
                             column_labels=[f"A {face_label(a)}", *(f"t={v:.2f}" for v in t), f"B {face_label(b)}"])
     cosine = torch.nn.functional.cosine_similarity(za, zb, dim=0).clamp(-1, 1).item()
-    return {"out": str(save_png(picture, path)), "mode": mode, "t": t,
+    return {"out": str(save_png(picture, target)), "mode": mode, "t": t,
             "norms": path.norm(dim=1).tolist(), "angle_degrees": math.degrees(math.acos(cosine))}
 
 
@@ -84,7 +84,7 @@ def traverse_faces(run: str | Path | Run, *, image: str | None = None, dims: int
     if not range_ > 0:
         raise UserError(f"--range must be positive, got {range_}")
     run = Run(run)
-    path = _out(run, "traverse", out, force)
+    target = _out(run, "traverse", out, force)
     vae = run.load_model()
     center = encode(vae, load_face(vae.config, image)[None])[0].cpu() if image else torch.zeros(vae.config.latent_dim)
     dev, precision = setup(vae.config, device=device)
@@ -101,7 +101,7 @@ def traverse_faces(run: str | Path | Run, *, image: str | None = None, dims: int
                             title=title)
     rows = [{"dim": d, "kl_nats": stats.kl_per_dim[d].item(), "activity": stats.activity[d].item(), "active": on}
             for d, on in zip(order, active)]
-    return {"out": str(save_png(picture, path)), "center": image or "0",
+    return {"out": str(save_png(picture, target)), "center": image or "0",
             "values": values.tolist(), "dims": rows}
 
 
@@ -111,7 +111,7 @@ def attributes_report(run: str | Path | Run, *, recompute: bool = False, device:
     """The run's attribute vectors (computed now, or read when they belong to the current model) and a picture:
     one row per attribute, best AUC first, each balanced vector's multiples added to z = 0."""
     run = Run(run)
-    path = _out(run, "attributes", out, force)
+    target = _out(run, "attributes", out, force)
     if recompute:
         vectors, index = compute_attribute_vectors(run, device=device, progress=True)
     else:
@@ -124,7 +124,7 @@ def attributes_report(run: str | Path | Run, *, recompute: bool = False, device:
     labels = [f"{r['name']} AUC {r['auc']:.2f}" if r["auc"] is not None else r["name"] for r in rows]
     picture = labelled_grid(list(faces), row_labels=labels, column_labels=[f"{a:+g}" for a in ATTRIBUTE_AMOUNTS],
                             title="z = 0 plus multiples of each attribute vector (balanced)")
-    return {**index, "out": str(save_png(picture, path))}
+    return {**index, "out": str(save_png(picture, target))}
 
 
 def parse_amounts(pairs: list[str]) -> dict[str, float]:
@@ -150,7 +150,7 @@ def edit_face(run: str | Path | Run, image: str, amounts: dict[str, float], *, s
     if not amounts:
         raise UserError("say what to add, e.g. --add Smiling=1.5")
     run = Run(run)
-    path = _out(run, "edit", out, force)
+    target = _out(run, "edit", out, force)
     vae = run.load_model()
     known = attribute_names(vae.config)
     unknown = [name for name in amounts if name not in known]
@@ -164,7 +164,7 @@ def edit_face(run: str | Path | Run, image: str, amounts: dict[str, float], *, s
     fractions = torch.linspace(0, 1, steps, dtype=torch.float64).tolist()
     picture = labelled_grid([torch.cat([face[None].float() / 255, faces])], row_labels=[what],
                             column_labels=["input", *(f"x{f:.2f}" for f in fractions)])
-    return {"out": str(save_png(picture, path)), "face": image, "add": amounts,
+    return {"out": str(save_png(picture, target)), "face": image, "add": amounts,
             "fractions": fractions, "norm": direction.norm().item()}
 
 
@@ -172,16 +172,13 @@ def sample_faces(run: str | Path | Run, *, n: int = 64, temperature: float = 1.0
                  out: str | Path | None = None,
                  force: bool = False) -> dict[str, Any]:
     """n faces from the prior scaled by the temperature: z ~ N(0, T^2 I), in rows of 8."""
-    _at_least("-n", n, 1)
-    if not temperature >= 0:
-        raise UserError(f"--temperature must be zero or more, got {temperature}")
+    check_count(n)
     run = Run(run)
-    path = _out(run, "sample", out, force)
-    vae = run.load_model()
-    faces = vae.sample(n, generator=torch.Generator().manual_seed(seed), temperature=temperature)
+    target = _out(run, "sample", out, force)
+    faces = prior_faces(run.load_model(), n, seed=seed, temperature=temperature)  # uint8 (n, C, S, S)
     picture = labelled_grid(list(faces.split(8)), title=f"{n} faces from the prior, temperature {temperature:g}, "
                                                          f"seed {seed}")
-    return {"out": str(save_png(picture, path)), "n": n, "temperature": temperature,
+    return {"out": str(save_png(picture, target)), "n": n, "temperature": temperature,
             "seed": seed}
 
 
@@ -190,7 +187,7 @@ def analogy_faces(run: str | Path | Run, a: str, b: str, c: str, *, out: str | P
     """A is to B as C is to C + (B - A), on posterior means: the inputs above, their reconstructions and the
     result below."""
     run = Run(run)
-    path = _out(run, "analogy", out, force)
+    target = _out(run, "analogy", out, force)
     vae = run.load_model()
     images = load_faces(vae.config, [a, b, c])
     result = analogy(vae, *images)
@@ -201,5 +198,5 @@ def analogy_faces(run: str | Path | Run, a: str, b: str, c: str, *, out: str | P
                             column_labels=[f"A {face_label(a)}", f"B {face_label(b)}", f"C {face_label(c)}",
                                            "C + (B - A)"])
     za, zb, zc = encode(vae, images).cpu()
-    return {"out": str(save_png(picture, path)), "faces": {"A": a, "B": b, "C": c},
+    return {"out": str(save_png(picture, target)), "faces": {"A": a, "B": b, "C": c},
             "shift_norm": (zb - za).norm().item()}

@@ -40,6 +40,7 @@ RUN_ENTRIES = {"config.toml", ckpt.MODEL_FILE, ckpt.CHECKPOINT_DIR, f"{ckpt.CHEC
                f"{ckpt.CHECKPOINT_DIR}.new", "metrics.jsonl", "images", "eval.json", "attributes.safetensors", MARKER,
                LOCK}  # everything a run of facevae holds
 DECODE_BATCH = 256  # images decoded at once for a picture: memory stays flat whatever -n is
+MAX_TEMPERATURE = 100.0  # prior draws z ~ N(0, T^2 I): beyond this every face is saturated noise
 EVAL_KEYS = ("elbo_nats", "nll_iw_nats", "psnr_db", "likelihood")  # what makes a file an evaluation report
 
 
@@ -192,20 +193,27 @@ def check_count(n: int) -> None:
         raise UserError(f"-n must be at least 1 and at most {MAX_GRID_IMAGES} (one picture), got {n}")
 
 
-def sample_run(run: str | Path | Run, *, n: int = 64, seed: int = 0, out: str | Path | None = None,
-               force: bool = False) -> Path:
-    """n faces from a run's prior (means of p(x|z), z ~ N(0, I)) as a PNG grid (default RUN_DIR/images/sample.png),
-    decoded DECODE_BATCH at a time; `out` replaces only a picture facevae wrote, unless `force`."""
+def prior_faces(vae: VAE, n: int, *, seed: int, temperature: float = 1.0) -> torch.Tensor:
+    """n faces from the prior, z ~ N(0, T^2 I), decoded DECODE_BATCH at a time so memory stays flat: uint8 (n, C, S,
+    S). n, the seed and the temperature are checked first (one line each)."""
     check_count(n)
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise UserError(f"--temperature must be between 0 and {MAX_TEMPERATURE}, got {temperature}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.cat([to_uint8(vae.sample(min(DECODE_BATCH, n - start), generator=generator, temperature=temperature))
+                      for start in range(0, n, DECODE_BATCH)])  # uint8: a quarter of float's memory
+
+
+def sample_run(run: str | Path | Run, *, n: int = 64, seed: int = 0, out: str | Path | None = None,
+               force: bool = False) -> Path:
+    """n faces from a run's prior (means of p(x|z), z ~ N(0, I)) as a PNG grid (default RUN_DIR/images/sample.png);
+    `out` replaces only a picture facevae wrote, unless `force`."""
+    check_count(n)
     run = Run(run)
     out = check_output_file(out or run.picture("sample.png"), force=force)
-    vae = run.load_model()
-    generator = torch.Generator().manual_seed(seed)
-    faces = torch.cat([to_uint8(vae.sample(min(DECODE_BATCH, n - start), generator=generator))
-                       for start in range(0, n, DECODE_BATCH)])  # uint8 (n, C, H, W): a quarter of float's memory
-    return save_png(grid(faces), out)
+    return save_png(grid(prior_faces(run.load_model(), n, seed=seed)), out)
 
 
 def reconstruct_run(run: str | Path | Run, *, split: str = "test", n: int = 32, out: str | Path | None = None,

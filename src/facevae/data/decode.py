@@ -10,6 +10,7 @@ compacting the file before the cache is committed, so the cache holds usable ima
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -118,8 +119,11 @@ class BadImage(ValueError):
 def open_regular(path: str):
     """A regular file (or a link to one) opened for reading; a FIFO, device or socket is refused without blocking."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a folder", path)
         raise BadImage("not a regular file: a pipe, device or socket is never read")
     return os.fdopen(fd, "rb")
 
