@@ -206,16 +206,6 @@ def prior_faces(vae: VAE, n: int, *, seed: int, temperature: float = 1.0) -> tor
                       for start in range(0, n, DECODE_BATCH)])  # uint8: a quarter of float's memory
 
 
-def sample_run(run: str | Path | Run, *, n: int = 64, seed: int = 0, out: str | Path | None = None,
-               force: bool = False) -> Path:
-    """n faces from a run's prior (means of p(x|z), z ~ N(0, I)) as a PNG grid (default RUN_DIR/images/sample.png);
-    `out` replaces only a picture facevae wrote, unless `force`."""
-    check_count(n)
-    run = Run(run)
-    out = check_output_file(out or run.picture("sample.png"), force=force)
-    return save_png(grid(prior_faces(run.load_model(), n, seed=seed)), out)
-
-
 def reconstruct_run(run: str | Path | Run, *, split: str = "test", n: int = 32, out: str | Path | None = None,
                     data: str | None = None, force: bool = False) -> Path:
     """The first n images of a split (upper rows) above their reconstructions (lower rows) as a PNG grid; the data
