@@ -530,6 +530,7 @@ def test_a_config_file_that_is_a_pipe_or_deeply_nested_is_one_line(tmp_path, cap
     (["sample", "{run}", "-n", "1000000"], "at most 4096"),
     (["sample", "{run}", "--seed", str(2**70)], "--seed must be between"),
     (["sample", "{run}", "--out", "{tmp}"], "is a folder"),
+    (["sample", "{run}", "--temperature", "inf"], "--temperature must be between 0 and 100"),
     (["reconstruct", "{run}", "-n", "100000"], "at most 4096"),
     (["evaluate", "{run}", "--iw-samples", str(10**10)], "add --yes"),
     (["prepare", "--seed", "-1", "--data", "lfw", "--out", "{tmp}/c"], "--seed must be between"),
@@ -585,3 +586,48 @@ def test_evaluate_writes_eval_json_only_into_a_run(tmp_path, capsys):
     assert main(["evaluate", str(stranger), "--limit", "2"]) == 2
     assert "files facevae did not write" in one_line(capsys)
     assert (stranger / "eval.json").read_text() == "my own notes"
+
+
+# ---------------------------------------------------------------- more hostile inputs
+def test_a_model_file_that_is_a_pipe_is_never_read(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    (run / "model.safetensors").unlink()
+    os.mkfifo(run / "model.safetensors")
+    script = (f"import sys; from facevae.cli import main; "
+              f"sys.exit(main(['sample', '{run}', '--out', '{tmp_path / 's.png'}']))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)  # used to hang
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr
+
+
+@pytest.mark.parametrize("line", ['{"kind": "step", "st', '[1, 2]', '"text"', '{"step": "abc"}'])
+def test_metrics_lines_that_are_not_records_are_dropped(line, run_copy, capsys):
+    with open(run_copy / "metrics.jsonl", "a") as f:
+        f.write(line + "\n")
+    train(tiny_config(epochs=2), run_copy, progress=False)
+    assert all(isinstance(json.loads(x), dict) for x in (run_copy / "metrics.jsonl").read_text().splitlines())
+
+
+def test_a_network_too_large_is_refused_by_summary(capsys):
+    assert main(["summary", "--set", "widths=[32, 64, 4096, 8192]"]) == 2
+    assert "parameters, more than facevae builds" in one_line(capsys)
+
+
+def test_a_checkpoint_folder_that_is_a_link_is_refused(run_copy, tmp_path, capsys):
+    shutil.move(run_copy / "checkpoint", tmp_path / "elsewhere")
+    (run_copy / "checkpoint").symlink_to(tmp_path / "elsewhere")
+    assert main(["train", "--out", str(run_copy), "--epochs", "2", "--quiet"]) == 2
+    assert "is damaged (it is a link" in one_line(capsys)
+
+
+def test_an_optimizer_state_of_the_wrong_shape_is_a_damaged_checkpoint(run_copy, capsys):
+    from safetensors.torch import load_file
+
+    folder = run_copy / "checkpoint"
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    tensors["optim.0.exp_avg"] = torch.zeros(3, 3)  # sha256 made to match: a consistent but hostile checkpoint
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    state["sha256"]["optimizer.safetensors"] = ckpt.sha256((folder / "optimizer.safetensors").read_bytes())
+    (folder / "state.json").write_text(json.dumps(state))
+    assert main(["train", "--out", str(run_copy), "--epochs", "2", "--quiet"]) == 2
+    assert "is damaged" in one_line(capsys)

@@ -131,7 +131,7 @@ class Run:
         facevae read a folder the user did not name."""
         if not self.path.is_dir():
             raise UserError(f"run directory {self} does not exist; train one with `facevae train --out {self}`")
-        if not self.model_file.is_file():
+        if not self.model_file.exists():  # a pipe or device in its place is refused by the header check, unread
             raise UserError(f"{self} holds no trained model ({ckpt.MODEL_FILE} is missing); "
                             f"train it with `facevae train --out {self}`")
         vae = ckpt.load_model(self.model_file, device=device)
