@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 FACEVAE := $(VENV)/bin/facevae
 # Installed first where torch is missing, so that pip never swaps in another (multi-GB CUDA) build.
 TORCH_SPEC ?= torch==2.13.0
+# The extras whose tests `make test` (and so CI) runs beside the core's.
+EXTRAS ?= test,web
 RUN ?= runs/lfw-faces
 
 # The likelihood table (facevae.distributions.LIKELIHOODS), read when compare-demo runs.
@@ -13,10 +15,10 @@ COMPARE_EPOCHS ?= 100
 
 .PHONY: install demo test test-slow tutorial bench compare-demo clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,7 +10,7 @@ import torch
 
 from facevae.errors import UserError
 from facevae.latent import (AttributeVectors, attribute_vectors, best_threshold, latent_grid, latent_path, lerp,
-                            project, readout, roc_auc, slerp)
+                            principal_directions, project, readout, roc_auc, slerp)
 
 
 def brute_force_auc(scores: torch.Tensor, positive: torch.Tensor) -> float:
@@ -155,3 +155,22 @@ def test_combine_amounts_and_unknown_names():
     assert torch.equal(v.combine({"A": 2.0}, balanced=False), torch.tensor([2.0, 0.0]))
     with pytest.raises(UserError, match="unknown attribute 'C'; the known ones: A, B"):
         v.combine({"C": 1.0})
+
+
+def test_principal_directions_against_the_covariance_eigendecomposition():
+    """A planted Gaussian with a known covariance: the directions are the eigenvectors of the sample covariance
+    scaled by the square roots of its eigenvalues, and close to the population's."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    sd = torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    x = 4.0 + (torch.randn(20_000, 6, generator=g, dtype=torch.float64) * sd) @ q.T  # covariance Q diag(sd^2) Q^T
+    vectors, explained = principal_directions(x, 4)
+    cov = torch.cov(x.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+    for i in range(4):
+        want = eigenvectors[:, -1 - i] * eigenvalues[-1 - i].sqrt()
+        got = vectors[i].double()
+        assert torch.allclose(got, want * torch.sign(want @ got), atol=1e-4)
+        assert got.abs().argmax() == got.argmax()  # sign: the largest entry is positive
+    assert torch.allclose(vectors.double().norm(dim=1), sd[:4], rtol=0.03)  # the population's standard deviations
+    assert torch.allclose(explained.double(), eigenvalues.flip(0)[:4] / eigenvalues.sum(), atol=1e-5)

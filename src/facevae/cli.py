@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     _data_commands(sub, Config())
     _run_commands(sub, Config())
+    _serve_command(sub)
     return p
 
 
@@ -163,6 +164,16 @@ def _picture_options(s: argparse.ArgumentParser, name: str) -> None:
     s.add_argument("--out", help=f"PNG file (default RUN_DIR/images/{name}.png)")
     s.add_argument("--force", action="store_true", help="replace --out even if facevae did not write it")
     s.add_argument("--json", action="store_true", help="print its numbers as one JSON object on stdout")
+
+
+def _serve_command(sub: Any) -> None:
+    """serve: the web page."""
+    s = sub.add_parser("serve", help="a web page to make faces with a run (needs the web extra)")
+    s.add_argument("run_dir")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; others warn)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--max-upload-mb", type=float, default=10, help="largest photo upload in MiB (default 10)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,7 +349,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from facevae.web.server import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
             "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate, "traverse": cmd_traverse,
             "attributes": cmd_attributes, "edit": cmd_edit, "analogy": cmd_analogy, "compare": cmd_compare,
-            "summary": cmd_summary}
+            "summary": cmd_summary, "serve": cmd_serve}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -31,11 +32,13 @@ _DATA_FACE = re.compile(rf"^({'|'.join(SPLIT_NAMES)}):(\d+)$")
 
 
 # ---------------------------------------------------------------- faces in
-def load_image(path: str | Path, *, size: int, channels: int) -> torch.Tensor:
-    """An image file as the model sees it: uint8 (channels, size, size). Turned upright by its EXIF orientation,
-    cut to its largest centre square and resized exactly as `prepare` does for a folder; grey for 1 channel."""
+def load_image(path: str | Path | BinaryIO, *, size: int, channels: int) -> torch.Tensor:
+    """An image file (a path, or a binary file object such as an upload) as the model sees it: uint8 (channels, size,
+    size). Turned upright by its EXIF orientation, cut to its largest centre square and resized exactly as `prepare`
+    does for a folder; grey for 1 channel."""
+    source, path = (path, "the image") if hasattr(path, "read") else (str(path), path)  # path: what messages say
     try:
-        square = load_square(str(path), crop=None, size=size)  # uint8 (3, size, size)
+        square = load_square(source, crop=None, size=size)  # uint8 (3, size, size)
     except IsADirectoryError:
         raise UserError(f"{path} is a folder, not an image file") from None
     except Exception as e:  # any decoder error: the file cannot be used, said in one line

@@ -1,4 +1,5 @@
-"""Latent arithmetic: paths between codes, traversals, attribute vectors and how well each one reads its attribute.
+"""Latent arithmetic: paths between codes, traversals, principal directions, attribute vectors and how well each one
+reads its attribute.
 
 Pure tensor functions (no model, no files), so that the commands, the web page and the tests share them. Codes are
 posterior means, (N, D) or (D,); attribute labels are booleans (N, A).
@@ -54,6 +55,23 @@ def latent_grid(center: torch.Tensor, directions: torch.Tensor, amounts: torch.T
     (R, V, D), where [r, v] = center + amounts[v] * directions[r]. A traversal of dimension d uses the unit vector
     e_d (amounts in prior standard deviations); an attribute edit uses the attribute's vector."""
     return center + amounts.to(center.dtype)[None, :, None] * directions.to(center.dtype)[:, None, :]
+
+
+def principal_directions(codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k principal directions of codes (N, D), each one standard deviation long: (k, D), largest first; and
+    the fraction of the total variance along each, (k,).
+
+    With the centred codes X = U diag(s) V^T, the covariance X^T X / (N - 1) has eigenvectors V and eigenvalues
+    s^2 / (N - 1), so row i is V_i * s_i / sqrt(N - 1). Each direction's sign makes its largest entry positive.
+    """
+    x = codes.double() - codes.double().mean(0)  # (N, D)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)  # s descending, vh (min(N, D), D)
+    k = min(k, len(s))
+    biggest = vh.abs().argmax(dim=1, keepdim=True)
+    vh = vh * torch.sign(vh.gather(1, biggest))
+    std = s / math.sqrt(max(len(x) - 1, 1))
+    explained = s**2 / (s**2).sum().clamp(min=1e-300)
+    return (vh[:k] * std[:k, None]).float(), explained[:k].float()
 
 
 @dataclass

@@ -133,9 +133,13 @@ class VAE(nn.Module):
     def sample(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
         """n new images from the prior: the means of p(x|z), z ~ N(0, T^2 I) (T = temperature, 1 for the prior
         itself); (n, C, S, S) in [0, 1]."""
-        device = next(self.parameters()).device
-        z = temperature * torch.randn(n, self.config.latent_dim, generator=generator, device="cpu").to(device)
+        z = self.prior(n, generator=generator, temperature=temperature).to(next(self.parameters()).device)
         return self.decode(z).mean.float().clamp(0, 1)
+
+    def prior(self, n: int, *, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """The codes `sample` decodes: z ~ N(0, T^2 I), (n, latent_dim), drawn on the CPU (the same for a seed on
+        any device)."""
+        return temperature * torch.randn(n, self.config.latent_dim, generator=generator, device="cpu")
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
