@@ -38,6 +38,7 @@ def make_run(run_dir: Path, *, latent_dim: int = 8, image_size: int = 32, channe
     vae = VAE(config).eval()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_model(vae, run_dir / "model.safetensors")
+    (run_dir / "config.toml").write_text(config.to_toml())  # where a run's data is named
     if attributes:  # the latent tools' format: (A, D) vectors, names and the model's digest in the metadata
         vectors = torch.randn(len(ATTRIBUTES), latent_dim, generator=torch.Generator().manual_seed(1))
         digest = hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()

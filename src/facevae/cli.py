@@ -174,6 +174,8 @@ def _serve_command(sub: Any) -> None:
                    help="address to listen on (default 127.0.0.1: this machine only; others warn)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--max-upload-mb", type=float, default=10, help="largest photo upload in MiB (default 10)")
+    s.add_argument("--data", metavar="SPEC",
+                   help="the run's data, for the principal directions (default: the one its config.toml names)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,7 +354,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from facevae.web.server import serve
 
-    serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    serve(args.run_dir, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, data=args.data)
     return 0
 
 

@@ -10,6 +10,7 @@ compacting the file before the cache is committed, so the cache holds usable ima
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -27,7 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -139,10 +140,27 @@ def _check_budget(im: Image.Image, stored: tuple[int, int], file_size: int, max_
                        f"gives")
 
 
-def load_square(path: str, *, crop: int | None, size: int, draft: bool = True,
+def _opened(source: str | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
+    """A path opened by open_regular; a binary file object (an upload) as it is, left open for its owner."""
+    return contextlib.nullcontext(source) if hasattr(source, "read") else open_regular(source)
+
+
+def _file_size(f: BinaryIO) -> int:
+    """Bytes in an open file: from its descriptor, or by seeking to its end (a file object in memory)."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (OSError, ValueError):  # io.UnsupportedOperation: no descriptor
+        position = f.tell()
+        size = f.seek(0, os.SEEK_END)
+        f.seek(position)
+        return size
+
+
+def load_square(path: str | BinaryIO, *, crop: int | None, size: int, draft: bool = True,
                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode one image, center-crop a square (`crop` px, or the largest one), resize it: uint8 (3, size, size)."""
-    with open_regular(path) as f, Image.open(f) as im:
+    """Decode one image (a path, or a binary file object such as an upload), center-crop a square (`crop` px, or
+    the largest one), resize it: uint8 (3, size, size)."""
+    with _opened(path) as f, Image.open(f) as im:
         w, h = im.size  # as stored, before any EXIF turn
         side = min(w, h) if crop is None else min(crop, w, h)
         scale = 1.0  # stored pixels per decoded pixel
@@ -151,7 +169,7 @@ def load_square(path: str, *, crop: int | None, size: int, draft: bool = True,
             got = im.draft("RGB", (max(1, w // factor), max(1, h // factor)))
             if got is not None:
                 scale = w / got[1][2]  # draft returns the decoded box, in stored pixels / factor
-        _check_budget(im, (w, h), os.fstat(f.fileno()).st_size, max_pixels)
+        _check_budget(im, (w, h), _file_size(f), max_pixels)
         rgb = _to_rgb(im)  # decodes; after that, the EXIF data of any format is in im.info
         orientation = _orientation(im) if "exif" in im.info else 1
         if orientation in _TRANSPOSE:

@@ -57,7 +57,8 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10) -> None:
+def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 10,
+          data: str | None = None) -> None:
     """Serve the page of a run until Ctrl-C; print its URL on stdout once it can be opened."""
     require_web_extra()
     import torch
@@ -71,7 +72,7 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, max
     local = is_loopback(host)
     sock = bind(host, port)  # before the model loads: a taken port is said at once
     try:
-        studio = Studio(run_dir, limits=Limits(max_upload_bytes=int(max_upload_mb * 1024 * 1024)))
+        studio = Studio(run_dir, limits=Limits(max_upload_bytes=int(max_upload_mb * 1024 * 1024)), data=data)
         # From here on the model sees one face at a time, which needs no intra-op parallelism; and on a busy CPU,
         # OpenMP's spinning workers made a 64x64 decode take 0.4-1.1 s instead of 3-16 ms (benchmarks/web_latency.py).
         torch.set_num_threads(1)

@@ -22,11 +22,13 @@ from PIL import Image
 
 from facevae.attributes import load_attribute_vectors
 from facevae.data import SplitView
+from facevae.data.decode import MAX_PIXELS
 from facevae.errors import UserError
 from facevae.faces import decode, encode, encode_split, load_image
 from facevae.images import to_hwc
 from facevae.latent import latent_path, principal_directions
-from facevae.run import Run
+from facevae.config import MAX_SEED
+from facevae.run import MAX_TEMPERATURE, Run
 
 MAX_EVAL_BYTES = 1 << 20  # a run directory may come from someone else: its size is checked before it is read
 MAX_EDIT = 100.0  # slider amounts are a few units; anything far beyond is a mistake
@@ -37,9 +39,9 @@ class Limits:
     """What one request may ask of the server."""
 
     max_upload_bytes: int = 10 * 1024 * 1024  # an uploaded photo; larger ones get 413 before they are read whole
-    max_pixels: int = 50_000_000  # a decoded photo: a 48-megapixel camera fits, a decompression bomb does not
+    max_pixels: int = MAX_PIXELS  # a decoded photo, as prepare's budget: a decompression bomb never decodes
     max_json_bytes: int = 1024 * 1024  # a JSON body (a latent of 128 numbers is about 3 kB)
-    max_temperature: float = 10.0
+    max_temperature: float = MAX_TEMPERATURE  # as `facevae sample`
     max_abs_latent: float = 1e4  # the prior has standard deviation 1: far beyond this is no face at all
     max_steps: int = 32  # faces in an interpolation strip
     principal_count: int = 10  # principal directions offered as sliders
@@ -69,9 +71,10 @@ class Direction:
 class Studio:
     """A run loaded for the page: faces from the prior, from photos, from latents; the sliders' directions."""
 
-    def __init__(self, run: str | Path | Run, *, limits: Limits = Limits(), device: str = "cpu"):
+    def __init__(self, run: str | Path | Run, *, limits: Limits = Limits(), device: str = "cpu",
+                 data: str | None = None):
         self.run = Run(run)
-        self.vae = self.run.load_model(device=device)
+        self.vae = self.run.load_model(device=device, data=data)  # data: the run's config.toml's unless given
         self.config = self.vae.config
         self.limits = limits
         self.lock = threading.Lock()
@@ -158,8 +161,8 @@ class Studio:
     # ------------------------------------------------------------ latents in
     def sample_latent(self, seed: int, temperature: float) -> torch.Tensor:
         """A latent from the prior N(0, T^2 I), drawn with `seed`: (latent_dim,)."""
-        if not 0 <= seed < 2 ** 63:
-            raise BadRequest(f"seed must be a whole number from 0 to 2^63 - 1, got {seed}")
+        if not 0 <= seed <= MAX_SEED:  # as `facevae sample`
+            raise BadRequest(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
         if not 0 <= temperature <= self.limits.max_temperature:
             raise BadRequest(f"temperature must be from 0 to {self.limits.max_temperature:g}, got {temperature}")
         return self.vae.prior(1, generator=torch.Generator().manual_seed(seed), temperature=temperature)[0]
