@@ -242,6 +242,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.state = self._resume(TrainState(global_batch=config.batch_size * world.size))
         self.buffers = list(self.vae.buffers())  # BatchNorm statistics etc.: restored after a skipped step
+        self.snapshot = [buf.clone() for buf in self.buffers]  # their values before the step, a few KB
         self.model: torch.nn.Module = self.vae
         if world.size > 1:
             self.model = DistributedDataParallel(self.vae, device_ids=[device.index] if device.type == "cuda" else None)
@@ -347,9 +348,8 @@ class Trainer:
         batch_idx = order[b * self.state.global_batch:(b + 1) * self.state.global_batch]
         size = len(batch_idx) // world.size
         mine = slice(world.rank * size, (world.rank + 1) * size)
-        x = to_float(self.train_images[batch_idx[mine]], device)
-        if c.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if c.channels_last else torch.contiguous_format
+        x = to_float(self.train_images[batch_idx[mine]], device, memory_format=layout)
         # Noise for the whole global batch on every rank (RNGs stay in step), then this rank's slice.
         flip = torch.rand(len(batch_idx), device=device)[mine] < 0.5 if c.hflip else None
         eps = torch.randn(len(batch_idx), c.latent_dim, device=device)[mine]
@@ -360,7 +360,7 @@ class Trainer:
     def guarded_step(self, x: torch.Tensor, eps: torch.Tensor, kl_weight: float) -> tuple[ELBO, torch.Tensor]:
         """Forward, backward and update, without a host sync; a non-finite loss or gradient (on any rank) skips the
         update and restores the buffers its forward pass changed. Returns the terms and ok (a device 0/1)."""
-        buffers_before = [buf.clone() for buf in self.buffers]  # BatchNorm statistics etc.: a few KB
+        torch._foreach_copy_(self.snapshot, self.buffers)  # one call, no allocation
         with autocast(self.device, self.precision), _compile_errors(self.config.compile):
             terms = self.model(x, kl_weight=kl_weight, eps=eps)
         self.optimizer.zero_grad(set_to_none=True)
@@ -369,7 +369,7 @@ class Trainer:
         ok = _finite(terms.loss, self.vae, self.world)  # 1.0 when the loss and every gradient are finite
         _step(self.optimizer, self.scaler, ok)  # a non-finite batch is skipped: no update, counted
         with torch.no_grad():  # ... and leaves no trace in the buffers its forward pass updated
-            for buf, old in zip(self.buffers, buffers_before):
+            for buf, old in zip(self.buffers, self.snapshot):
                 buf.copy_(torch.where(ok > 0, buf, old))
         return terms, ok
 
