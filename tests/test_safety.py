@@ -631,3 +631,15 @@ def test_an_optimizer_state_of_the_wrong_shape_is_a_damaged_checkpoint(run_copy,
     (folder / "state.json").write_text(json.dumps(state))
     assert main(["train", "--out", str(run_copy), "--epochs", "2", "--quiet"]) == 2
     assert "is damaged" in one_line(capsys)
+
+
+def test_a_runs_own_pictures_drawn_before_the_mark_are_replaced_and_nothing_else(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    (run / "images").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(run / "images" / "sample.png")  # a PNG without facevae's mark
+    assert main(["sample", str(run), "-n", "4"]) == 0  # one of the run's own files: replaced
+    capsys.readouterr()
+    (run / "images" / "reconstruct.png").write_bytes(b"not a picture")
+    assert main(["reconstruct", str(run), "-n", "4"]) == 2
+    assert "facevae did not write it" in one_line(capsys)
+    assert (run / "images" / "reconstruct.png").read_bytes() == b"not a picture"

@@ -124,11 +124,23 @@ def check_output_file(path: str | Path, *, force: bool = False, flag: str = "--o
     return path
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: str | Path) -> bool:
+    """Whether a regular file starts with the PNG signature."""
+    try:
+        with open(path, "rb") as f:
+            return stat.S_ISREG(os.fstat(f.fileno()).st_mode) and f.read(8) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
 def is_facevae_png(path: str | Path) -> bool:
     """Whether a file is a PNG whose tEXt chunks (before the pixels) say facevae wrote it; reads at most 64 KB."""
     with open(path, "rb") as f:
         head = f.read(1 << 16)
-    if not head.startswith(b"\x89PNG\r\n\x1a\n"):
+    if not head.startswith(PNG_SIGNATURE):
         return False
     at = 8
     while at + 8 <= len(head):

@@ -13,7 +13,6 @@ from facevae.attributes import attribute_names, compute_attribute_vectors, load_
 from facevae.device import setup
 from facevae.errors import UserError
 from facevae.evaluate import ACTIVE_UNIT_THRESHOLD
-from facevae.fileio import check_output_file
 from facevae.faces import (analogy, decode, edit, encode, encode_split, face_label, interpolate, load_face,
                            load_faces, traverse)
 from facevae.images import labelled_grid, save_png
@@ -28,7 +27,7 @@ ATTRIBUTE_AMOUNTS = (-1.0, -0.5, 0.0, 0.5, 1.0)  # the attributes picture: each 
 def _out(run: Run, name: str, out: str | Path | None, force: bool) -> Path:
     """The picture's path (default RUN_DIR/images/NAME.png), checked before any work: it replaces only a picture
     facevae wrote, unless `force`."""
-    return check_output_file(out or run.picture(f"{name}.png"), force=force)
+    return run.picture_out(out, f"{name}.png", force=force)
 
 
 def _at_least(name: str, value: int, least: int) -> None:

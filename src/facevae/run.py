@@ -26,8 +26,8 @@ import facevae.checkpoint as ckpt
 from facevae.config import MAX_SEED, Config
 from facevae.data import NO_DATA, SplitView, checked_cache, split_view
 from facevae.errors import UserError
-from facevae.fileio import (LOCK, MARKER, DirLock, atomic_write, check_output_dir, check_output_file, mark_dir,
-                            marker_kind)
+from facevae.fileio import (LOCK, MARKER, DirLock, atomic_write, check_output_dir, check_output_file, is_png,
+                            mark_dir, marker_kind)
 from facevae.images import MAX_GRID_IMAGES, grid, pairs, save_png
 from facevae.model import VAE
 from facevae.pixels import to_float, to_uint8
@@ -177,6 +177,15 @@ class Run:
         return self.model_file.stat().st_mtime > self.eval_file.stat().st_mtime
 
     # ------------------------------------------------------------ pictures
+    def picture_out(self, out: str | Path | None, name: str, *, force: bool = False) -> Path:
+        """Where a picture goes: `out`, else RUN_DIR/images/NAME, checked before any work. It replaces only a PNG
+        facevae wrote (or a PNG in the images/ folder of this run, marked as facevae's: one of the run's own files,
+        whichever facevae version drew it), unless `force`."""
+        path = Path(out) if out else self.picture(name)
+        own = (marker_kind(self.path) == "run" and path.parent.resolve() == self.images_dir.resolve()
+               and path.exists() and is_png(path))
+        return check_output_file(path, force=force or own)
+
     def picture(self, name: str) -> Path:
         """The path of a picture of the run: RUN_DIR/images/NAME."""
         return self.images_dir / name
@@ -212,7 +221,7 @@ def reconstruct_run(run: str | Path | Run, *, split: str = "test", n: int = 32, 
     from the run's config.toml (or `data`); `out` replaces only a picture facevae wrote, unless `force`."""
     check_count(n)
     run = Run(run)
-    out = check_output_file(out or run.picture("reconstruct.png"), force=force)
+    out = run.picture_out(out, "reconstruct.png", force=force)
     vae = run.load_model(data=data)
     real = run.data(vae.config, split)[:n]  # only these n images are read
     rec = torch.cat([to_uint8(vae.reconstruct(to_float(real[i:i + DECODE_BATCH])))
