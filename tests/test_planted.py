@@ -175,3 +175,15 @@ def test_posterior_sample_uses_the_standard_deviation():
     torch.manual_seed(5)
     eps = torch.randn(4, 1, 2)
     torch.testing.assert_close(z, mean + torch.exp(0.5 * logvar) * eps)
+
+
+def test_atomic_write_that_cannot_open_its_temp_file_raises_that_error(tmp_path, monkeypatch):
+    """The clean-up of a temp file that was never made must not hide the real error behind a FileNotFoundError."""
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fileio, "open", refused, raising=False)
+    with pytest.raises(PermissionError):
+        fileio.atomic_write(tmp_path / "x.json", "{}")
+    assert list(tmp_path.iterdir()) == []
