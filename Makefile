@@ -13,7 +13,7 @@ RUN ?= runs/lfw-faces
 LIKELIHOODS = $(shell $(PY) -c "from facevae.distributions import LIKELIHOODS; print(*LIKELIHOODS)")
 COMPARE_EPOCHS ?= 100
 
-.PHONY: install demo test test-slow tutorial bench compare-demo clean
+.PHONY: install demo test test-slow tutorial bench mutate compare-demo clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ test-slow: install
 # Rebuild docs/tutorial.ipynb from docs/make_tutorial.py, run it, and render docs/tutorial.md with its figures.
 tutorial: install
 	$(PY) docs/make_tutorial.py
+
+# Mutation testing (mutmut, the `mutate` extra) of the likelihoods, bounds, training state, atomic writes, checkpoints
+# and splits, each module in a temporary copy with the tests that cover it: MODULES="fileio metrics" for some of them.
+MODULES ?=
+mutate: install
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q -e ".[mutate]"
+	$(PY) tools/mutate.py $(MODULES)
 
 bench: install
 	$(PY) benchmarks/train_throughput.py
