@@ -44,15 +44,15 @@ def _config(module: str, tests: list[str]) -> str:
             f'only_mutate = ["src/facevae/{module}.py"]\n'
             f"pytest_add_cli_args_test_selection = [{quoted}]\n"
             'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]\n'
+            'also_copy = ["configs", "docs", "benchmarks"]\n'
             'process_isolation = "forkserver"\n'
             "use_git_change_detection = false\n")
 
 
 def _copy(module: str, dest: Path) -> None:
-    """src/, tests/ and pyproject.toml (with the module's mutmut section) into dest."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache")
-    shutil.copytree(ROOT / "src", dest / "src", ignore=ignore)
-    shutil.copytree(ROOT / "tests", dest / "tests", ignore=ignore)
+    """The project's files (no venv, runs or caches) into dest, pyproject.toml with the module's mutmut section."""
+    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "mutants", "__pycache__", "*.egg-info", ".pytest_cache")
+    shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
     (dest / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + _config(module, MODULES[module]))
 
 
@@ -84,7 +84,7 @@ def mutate(module: str, *, children: int, keep: bool) -> dict[str, object]:
         return {"module": module, "mutants": total, "caught": caught, "score": caught / total if total else None,
                 "outcomes": {k: len(v) for k, v in groups.items()}, "survivors": diffs,
                 "seconds": round(time.perf_counter() - start), "returncode": proc.returncode,
-                "log": proc.stdout[-2000:] + proc.stderr[-2000:] if not total else ""}
+                "log": proc.stdout[-3000:] + proc.stderr[-3000:] if not caught else ""}
     finally:
         if keep:
             print(f"kept {work}", file=sys.stderr)
