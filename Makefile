@@ -6,7 +6,7 @@ FACEVAE := $(VENV)/bin/facevae
 # Installed first where torch is missing, so that pip never swaps in another (multi-GB CUDA) build.
 TORCH_SPEC ?= torch==2.13.0
 # The extras whose tests `make test` (and so CI) runs beside the core's.
-EXTRAS ?= test,web
+EXTRAS ?= test,web,onnx,tensorboard
 RUN ?= runs/lfw-faces
 
 # The likelihood table (facevae.distributions.LIKELIHOODS), read when compare-demo runs.
@@ -31,7 +31,8 @@ demo: install
 	$(FACEVAE) interpolate $(RUN) test:0 test:1
 	$(FACEVAE) traverse $(RUN) --image test:0 --dims 8
 	$(FACEVAE) analogy $(RUN) test:0 test:1 test:2
-	@echo "demo done: see $(RUN)/images/ (reconstruct, sample, interpolate, traverse, analogy) and $(RUN)/eval.json"
+	$(FACEVAE) report $(RUN)
+	@echo "demo done: see $(RUN)/report.html (numbers, curves, pictures), $(RUN)/images/ (reconstruct, sample, interpolate, traverse, analogy) and $(RUN)/eval.json"
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

@@ -93,6 +93,8 @@ def _run_commands(sub: Any, d: "Config") -> None:
     s.add_argument("--data", help="data SPEC (default: each run's config.toml)")
     s.add_argument("--force", action="store_true", help="replace --out even if facevae did not write it")
 
+    _add_sharing_commands(sub)
+
     s = sub.add_parser("summary", help="the network's layers, output shapes and parameter counts")
     s.add_argument("run_dir", nargs="?", help="a run directory (else the config's network)")
     s.add_argument("--config", help="a TOML recipe")
@@ -176,6 +178,25 @@ def _serve_command(sub: Any) -> None:
     s.add_argument("--max-upload-mb", type=float, default=10, help="largest photo upload in MiB (default 10)")
     s.add_argument("--data", metavar="SPEC",
                    help="the run's data, for the principal directions (default: the one its config.toml names)")
+
+
+def _add_sharing_commands(sub: Any) -> None:
+    """plot, report and export: looking at runs and taking models elsewhere."""
+    s = sub.add_parser("plot", help="training curves of one or more runs on one figure (from metrics.jsonl)")
+    s.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="runs to draw, labelled by their names")
+    s.add_argument("--out", default="curves.png", help="PNG file (default curves.png)")
+    s.add_argument("--force", action="store_true", help="replace --out even if facevae did not write it")
+
+    s = sub.add_parser("report", help="one self-contained HTML file: numbers, curves, pictures, config")
+    s.add_argument("run_dir")
+    s.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    s.add_argument("--force", action="store_true", help="replace --out even if it is not a facevae report")
+
+    s = sub.add_parser("export", help="the model as ONNX files with a config and a model card (needs facevae[onnx])")
+    s.add_argument("run_dir")
+    s.add_argument("--onnx", required=True, metavar="DIR",
+                   help="a new or empty directory (or an earlier export) for decoder.onnx, encoder.onnx, config.json, "
+                        "README.md")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -337,6 +358,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from facevae.curves import plot_runs
+
+    path = plot_runs(args.run_dirs, out=args.out, force=args.force)
+    print(f"wrote the curves of {len(args.run_dirs)} run(s) to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from facevae.report import write_report
+
+    path = write_report(args.run_dir, out=args.out, force=args.force)
+    print(f"wrote the report of {args.run_dir} to {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from facevae.export import export_onnx
+
+    paths = export_onnx(args.run_dir, args.onnx)
+    print(f"exported {args.run_dir} to {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from facevae.config import Config
     from facevae.model import network_summary
@@ -361,4 +406,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "evaluate": cmd_evaluate, "sample": cmd_sample,
             "reconstruct": cmd_reconstruct, "interpolate": cmd_interpolate, "traverse": cmd_traverse,
             "attributes": cmd_attributes, "edit": cmd_edit, "analogy": cmd_analogy, "compare": cmd_compare,
-            "summary": cmd_summary, "serve": cmd_serve}
+            "plot": cmd_plot, "report": cmd_report, "export": cmd_export, "summary": cmd_summary, "serve": cmd_serve}

@@ -65,6 +65,7 @@ class Config:
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
     image_count: int = 32  # images in the per-epoch reconstruction and sample grids
     max_bad_steps: int = 10  # consecutive non-finite batches (each skipped) that stop the run; checked when logging
+    tensorboard: bool = False  # also write metrics and grids to RUN_DIR/tensorboard/ (needs facevae[tensorboard])
     # --- hardware
     device: str = "auto"  # auto (cuda when present), cpu or cuda
     # auto: bf16 autocast where the device has native bf16 (CUDA, AVX512-BF16/AMX CPUs), else float32; likelihood and

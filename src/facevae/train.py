@@ -45,6 +45,7 @@ from facevae.metrics import psnr
 from facevae.model import ELBO, VAE, expected_state
 from facevae.pixels import to_float
 from facevae.run import Run, save_epoch_pictures
+from facevae.watch import RunWatch
 
 TRAIN_TERMS = ("loss", "elbo", "recon", "kl", "psnr")
 TEST_TERMS = ("elbo_nats", "recon_nats", "kl_nats", "elbo_bpd", "psnr_db", "mse")  # of the epoch's test pass
@@ -169,8 +170,8 @@ class GracefulStop:
 class MetricsLog:
     """RUN_DIR/metrics.jsonl: one JSON object per line, appended as it goes; rank 0 only."""
 
-    def __init__(self, path: Path, *, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, *, enabled: bool, watch: RunWatch | None = None):
+        self.path, self.enabled, self.watch = path, enabled, watch
 
     def truncate_after(self, step: int) -> None:
         """Drop records newer than a checkpoint we resume from (a killed run may have logged past it), and lines a
@@ -196,6 +197,8 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.watch is not None:
+                self.watch.record(record)  # the same numbers to TensorBoard, when asked for
 
 
 def train(config: Config, run_dir: str | Path | Run, *, progress: bool = True) -> dict[str, Any]:
@@ -205,6 +208,7 @@ def train(config: Config, run_dir: str | Path | Run, *, progress: bool = True) -
     run = Run(run_dir)
     run.check_writable()  # before anything is read or written: a folder that is not a run is refused
     world = World.from_env()
+    watch = RunWatch(run, config, enabled=world.is_main)  # a missing optional package: refused before any work
     device, precision = setup(config)
     if device.type == "cuda" and world.size > 1:
         device = torch.device("cuda", world.local_rank)
@@ -215,8 +219,9 @@ def train(config: Config, run_dir: str | Path | Run, *, progress: bool = True) -
     try:
         with contextlib.ExitStack() as held:  # the run's lock, taken once the config and the data are checked
             return Trainer(config, run, world, device, precision, progress=progress and world.is_main,
-                           held=held).fit()
+                           held=held, watch=watch).fit()
     finally:
+        watch.close()
         world.close()
 
 
@@ -224,9 +229,9 @@ class Trainer:
     """One training run: the model, its optimiser, the data on the device, the state, and the loop."""
 
     def __init__(self, config: Config, run: Run, world: World, device: torch.device, precision: str, *,
-                 progress: bool, held: contextlib.ExitStack):
+                 progress: bool, held: contextlib.ExitStack, watch: RunWatch):
         self.config, self.run, self.world, self.device, self.precision = config, run, world, device, precision
-        self.progress = progress
+        self.progress, self.watch = progress, watch  # watch: images/curves.png and TensorBoard
         seed_everything(config.seed)
         if not world.is_main:
             world.barrier()  # rank 0 prepares the data first; the others then open the finished cache
@@ -253,7 +258,7 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise UserError(f"batch_size {config.batch_size} x {world.size} process(es) is larger than the {self.n} "
                             f"training images; lower batch_size")
-        self.log = MetricsLog(run.metrics_file, enabled=world.is_main)
+        self.log = MetricsLog(run.metrics_file, enabled=world.is_main, watch=self.watch)
         self.log.truncate_after(self.state.step)
         self.meter = Meter(self.state, device)
         self.clock = time.perf_counter()  # the epoch's start, less the seconds it ran before a resume
@@ -446,6 +451,7 @@ class Trainer:
             real = self.test_images if len(self.test_images) else self.train_images
             save_epoch_pictures(self.run, self.vae, real[:c.image_count], epoch + 1, seed=c.seed + 12345,
                                 count=c.image_count)
+        self.watch.epoch_end(self.state.step, pictures=pictures)  # images/curves.png, TensorBoard grids (rank 0)
         self.state.start_epoch()
         self._save_checkpoint(with_model=True)
         if pictures:
