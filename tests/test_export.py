@@ -75,6 +75,7 @@ def test_onnxruntime_computes_what_facevae_computes(run, exported, batch):
     assert np.abs(logvar - q.logvar.numpy()).max() <= 1e-4
 
 
+@pytest.mark.slow  # about 2 s an export; CI runs it (make test-slow)
 @pytest.mark.parametrize("likelihood", LIKELIHOODS)
 def test_every_likelihood_exports_its_mean(likelihood):
     from facevae.export import DecoderMean, onnx_bytes
