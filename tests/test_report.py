@@ -97,6 +97,14 @@ def test_nothing_is_fetched(page):
     assert "http://" not in text.split("<body>")[0] and "@import" not in text and "url(" not in text
 
 
+def test_pictures_of_the_making_commands_when_present(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.copy(copy / "images" / "samples.png", copy / "images" / "interpolate.png")
+    alts = [attrs.get("alt") for tag, attrs in Page(build_report(copy)).tags if tag == "img"]
+    assert alts == ["training curves", "Reconstructions", "Samples", "Interpolation"]
+
+
 def test_a_bare_run_still_reports(tmp_path):
     """No eval.json, no pictures, no metrics: a report that says what is missing and how to get it."""
     (tmp_path / "bare").mkdir()

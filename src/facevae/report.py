@@ -28,10 +28,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PICTURE_BYTES = 32 * 2**20
 MAX_TEXT_BYTES = 4 * 2**20  # config.toml, eval.json, attributes.json: a few KB when facevae wrote them
 # The run's pictures, first found wins: what `facevae reconstruct` / `sample` wrote, else the last epoch's grids.
+# (title, what it shows, files (first found wins), the command that makes it; None: shown only when present).
 PICTURES = [("Reconstructions", "real faces, each row followed by the row of their reconstructions",
-             ("images/reconstruct.png", "images/reconstructions.png")),
+             ("images/reconstruct.png", "images/reconstructions.png"), "reconstruct"),
             ("Samples", "new faces: means of p(x|z) for z drawn from the prior N(0, I)",
-             ("images/sample.png", "images/samples.png"))]
+             ("images/sample.png", "images/samples.png"), "sample"),
+            ("Interpolation", "from one face's code to another's", ("images/interpolate.png",), None),
+            ("Latent traversal", "one latent dimension changed at a time", ("images/traverse.png",), None),
+            ("Analogy", "A is to B as C is to C + (B - A)", ("images/analogy.png",), None),
+            ("Attribute edit", "attribute vectors added to a face", ("images/edit.png",), None)]
 # The columns of the attribute table: index key -> heading (facevae.attributes writes the index).
 ATTRIBUTE_COLUMNS = {"name": "attribute", "auc": "test AUC", "auc_balanced": "test AUC, balanced vector",
                      "positives": "training images with it", "negatives": "without"}
@@ -104,18 +109,18 @@ def curves_section(run: Run) -> str:
 
 
 def pictures_section(run: Run) -> str:
-    """The run's reconstruction and sample grids, embedded."""
+    """The run's reconstruction and sample grids, and the pictures of the making-faces commands it has, embedded."""
     parts = []
-    for title, what, names in PICTURES:
+    for title, what, names, command in PICTURES:
         found = [(n, d) for n in names if (d := read_run_file(run.path, n, MAX_PICTURE_BYTES)) is not None
                  and d.startswith(PNG_SIGNATURE)]
         if found:
             name, data = found[0]
             parts.append(f"<h3>{title}</h3><p>{esc(what)} (<code>{esc(name)}</code>)</p>"
                          + _picture(data, title, faces=True))
-        else:
+        elif command:
             parts.append(f'<h3>{title}</h3><p class="note">None in the run: make them with <code>facevae '
-                         f'{"reconstruct" if title == "Reconstructions" else "sample"} {esc(run)}</code>.</p>')
+                         f'{command} {esc(run)}</code>.</p>')
     return "".join(parts)
 
 
