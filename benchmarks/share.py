@@ -2,7 +2,7 @@
 
 Targets: export under 30 s on a CPU, a report under 5 s. Measured as a user meets them: the `facevae` command in a
 fresh process (so Python, torch and matplotlib start-up count), best of `--repeats`, run in turns. The run is the
-deck's default network (Config(): 64x64x3, widths 32-512, latent 128; 3.4 M parameters) with random weights (export
+deck's default network (Config(): 64x64x3, widths 32-512, latent 128; 3.9 M parameters) with random weights (export
 time does not depend on their values), a CelebA-sized metrics.jsonl (50 epochs of 25 logged steps, as
 log_every = 100 gives on CelebA's 162,770 images at batch 64), 64x64 grids of 32 faces, and an eval.json.
 
