@@ -29,3 +29,11 @@ def tiny_config(**overrides) -> Config:
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def density_iw(vae, x: torch.Tensor, samples: int, *, chunk: int | None = None) -> torch.Tensor:
+    """The importance-weighted bound on log p(x) of the continuous density (x need not be 8-bit), (B,) nats."""
+    from facevae.metrics import importance_samples, iw_bound
+
+    s = importance_samples(vae, x, samples, chunk=chunk)
+    return iw_bound(s.log_density, s.log_ratio)

@@ -18,7 +18,8 @@ from facevae.cli import main
 
 TINY = ["--set", "image_size=32", "--set", "channels=1", "--set", "widths=[8, 16]", "--set", "latent_dim=4",
         "--set", "batch_size=40", "--set", "log_every=1", "--set", "image_count=8", "--data", "lfw"]
-EVAL_KEYS = {"elbo_nats", "recon_nats", "kl_nats", "nll_iw_nats", "nll_iw_stderr", "iw_samples", "elbo_bpd",
+EVAL_KEYS = {"elbo_nats", "elbo_stderr", "elbo_mc_stderr", "recon_nats", "kl_nats", "nll_iw_nats", "nll_iw_stderr",
+             "iw_samples", "elbo_bpd", "density_elbo_nats", "density_recon_nats", "loss_nats",
              "nll_iw_bpd", "psnr_db", "ssim", "mse", "active_units", "latent_dim", "likelihood", "split", "images"}
 
 
@@ -48,7 +49,8 @@ def test_train_writes_the_run_directory(run_dir):
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["step"] for r in steps] == [1, 2]
     assert len(epochs) == 1 and epochs[0]["step"] == 2
-    for key in ("train_loss", "train_elbo", "train_psnr", "test_elbo_nats", "test_psnr_db", "img_per_s"):
+    for key in ("train_loss", "train_elbo", "train_psnr_sampled", "test_elbo_nats", "test_density_elbo_nats",
+                "test_psnr_db", "img_per_s"):
         assert math.isfinite(epochs[0][key]), key
     assert "latent_dim = 4" in (run_dir / "config.toml").read_text()
 

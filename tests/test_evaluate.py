@@ -27,7 +27,8 @@ from facevae.distributions import DiagonalGaussian, Gaussian
 from facevae.evaluate import evaluate, evaluate_run
 from facevae.metrics import ssim
 from facevae.model import VAE
-from facevae.metrics import bits_per_dim, iw_log_likelihood, psnr
+from conftest import density_iw
+from facevae.metrics import bits_per_dim, importance_samples, iw_bound, psnr
 from facevae.model import elbo
 
 
@@ -80,7 +81,7 @@ def test_exact_posterior_makes_elbo_and_every_iw_estimate_exact():
     exact = model.log_px(x)  # (32,)
     torch.manual_seed(0)
     for k in (1, 5):  # p(x, z) / q(z|x) = p(x) for every z: no Monte Carlo error at all
-        assert torch.allclose(iw_log_likelihood(model, x, k).double(), exact, atol=1e-4)
+        assert torch.allclose(density_iw(model, x, k).double(), exact, atol=1e-4)
     # The ELBO: E_q[log p(x|z)] in closed form minus the closed-form KL equals log p(x).
     q = model.encode(x)
     mean, var = model.exact_posterior(x)
@@ -103,7 +104,7 @@ def iw_figures(ks: tuple[int, ...] = (1, 10, 100, 1000)) -> dict[int, tuple[floa
     out = {}
     for k in ks:
         repeats = 40 if k < 1000 else 8
-        est = torch.stack([iw_log_likelihood(model, x, k).double() for _ in range(repeats)])  # (repeats, 64)
+        est = torch.stack([density_iw(model, x, k).double() for _ in range(repeats)])  # (repeats, 64)
         gap = (exact - est).flatten()
         out[k] = (exact.mean().item(), est.mean().item(), gap.std().item() / math.sqrt(len(gap)))
     return out
@@ -148,13 +149,19 @@ def trained(tmp_path_factory) -> tuple[VAE, torch.Tensor]:
     return vae.eval(), open_dataset("lfw", split="test", size=32, progress=False).images
 
 
+def iw_8bit(vae, x: torch.Tensor, samples: int) -> torch.Tensor:
+    """The importance-weighted bound on log P(x) of 8-bit images, (B,) nats."""
+    s = importance_samples(vae, x, samples)
+    return iw_bound(s.log_prob_8bit, s.log_ratio)
+
+
 def test_bound_does_not_decrease_with_k_on_a_trained_model(trained):
     vae, images = trained
     x = images.float() / 255
     torch.manual_seed(0)
     with torch.inference_mode():
-        bounds = {k: torch.stack([iw_log_likelihood(vae, x, k) for _ in range(3)]).double().mean(0)
-                  for k in (1, 10, 100)}  # (20,) each: log p(x) estimates per image
+        bounds = {k: torch.stack([iw_8bit(vae, x, k) for _ in range(3)]).double().mean(0)
+                  for k in (1, 10, 100)}  # (20,) each: log P(x) estimates per image
     for lo, hi in ((1, 10), (10, 100)):
         diff = bounds[hi] - bounds[lo]
         assert diff.mean() > -3 * diff.std() / math.sqrt(len(diff)), (lo, hi)
@@ -211,23 +218,26 @@ def test_bf16_evaluation_sums_in_float32(trained):
 
 
 # ---------------------------------------------------------------- units, PSNR, SSIM, active units
-@pytest.mark.parametrize("likelihood,support", [("gaussian", "continuous"), ("bernoulli", "none"),
-                                                ("discretized_logistic", "discrete")])
-def test_bits_per_dim_against_hand_computed_values(likelihood, support, tiny):
-    d = 12288
-    assert bits_per_dim(-1000.0, d, "continuous") == pytest.approx(1000 / (d * math.log(2)) + 8.0)
-    assert bits_per_dim(-1000.0, d, "discrete") == pytest.approx(1000 / (d * math.log(2)))
-    assert bits_per_dim(-1000.0, d, "none") is None
+@pytest.mark.parametrize("likelihood", ["gaussian", "continuous_bernoulli", "bernoulli", "discretized_logistic"])
+def test_bits_per_dim_are_nats_of_the_8bit_probability(likelihood, tiny):
+    """bits/dim = -log P(x) / (D ln 2) with no dequantisation term; the ELBO terms add up; the training density's
+    figures are reported apart; a Bernoulli on grey levels has no 8-bit figures."""
+    assert bits_per_dim(-1000.0, 12288) == pytest.approx(1000 / (12288 * math.log(2)))
     torch.manual_seed(0)
     vae = VAE(tiny(likelihood=likelihood)).eval()
     images = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
     r = evaluate(vae, images, iw_samples=3, batch_size=4)
-    offset = {"continuous": 8.0, "discrete": 0.0}.get(support)
+    assert r["density_elbo_nats"] == pytest.approx(r["density_recon_nats"] - r["kl_nats"], rel=1e-6)
+    assert r["loss_nats"] == pytest.approx(-r["density_elbo_nats"], rel=1e-6)  # kl_weight 1
+    if likelihood == "bernoulli":
+        assert all(r[k] is None for k in ("elbo_nats", "recon_nats", "nll_iw_nats", "elbo_bpd", "nll_iw_bpd"))
+        return
+    assert r["elbo_nats"] == pytest.approx(r["recon_nats"] - r["kl_nats"], rel=1e-6)
+    assert r["recon_nats"] < 0 and r["nll_iw_nats"] > 0  # a probability: log P(x|z) <= 0
     for nats, bpd in ((r["elbo_nats"], r["elbo_bpd"]), (-r["nll_iw_nats"], r["nll_iw_bpd"])):
-        if offset is None:
-            assert bpd is None
-        else:  # -log P(x) / (D ln 2), plus 8 bits (ln 256 nats) per dimension of dequantisation for a density
-            assert bpd == pytest.approx(-nats / (1024 * math.log(2)) + offset, rel=1e-9)
+        assert bpd == pytest.approx(-nats / (1024 * math.log(2)), rel=1e-9)
+    same = likelihood == "discretized_logistic"  # its density is already the 8-bit probability
+    assert (r["recon_nats"] == pytest.approx(r["density_recon_nats"], rel=1e-6)) == same
 
 
 def _torchmetrics_ssim_valid(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -471,7 +481,7 @@ def test_bad_weights_in_a_real_process_print_one_line_and_no_traceback(run_dir, 
     (["--iw-samples", "-5"], "--iw-samples must be at least 1"),
     (["--limit", "21"], "--limit 21 is outside 1..20"),
     (["--limit", "0"], "--limit 0 is outside"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-1"], "--batch-size must be positive"),
     (["--split", "valid"], "no 'valid' split"),
     (["--split", "holdout"], "no 'holdout' split"),
     (["--iw-samples", "many"], "invalid int value"),

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from facevae.config import Config
 from facevae.model import VAE
-from facevae.metrics import bits_per_dim, iw_log_likelihood, psnr
+from conftest import density_iw
+from facevae.metrics import bits_per_dim, importance_samples, iw_bound, psnr
 from facevae.model import elbo
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -84,7 +85,7 @@ def test_iw_with_one_sample_is_an_unbiased_elbo(tiny):
     x = _batch(config, 2)
     draws = 3000
     with torch.no_grad():
-        iw1 = iw_log_likelihood(vae, x.repeat(draws, 1, 1, 1), 1).view(draws, 2)  # independent K = 1 estimates
+        iw1 = density_iw(vae, x.repeat(draws, 1, 1, 1), 1).view(draws, 2)  # independent K = 1 estimates
         posterior = vae.encode(x)
         z = posterior.sample(draws)  # (S, B, L)
         recon = vae.decode(z.view(-1, config.latent_dim)).log_prob(x.repeat(draws, 1, 1, 1)).view(draws, 2)
@@ -110,21 +111,19 @@ def test_iw_bound_is_the_same_whatever_the_chunk(tiny, monkeypatch):
 
     monkeypatch.setattr(DiagonalGaussian, "sample", fixed_sample)
     with torch.no_grad():
-        whole = iw_log_likelihood(vae, x, 12)
+        whole = density_iw(vae, x, 12)
         used.clear()
-        chunked = iw_log_likelihood(vae, x, 12, chunk=5)
+        chunked = density_iw(vae, x, 12, chunk=5)
     assert used == [5, 5, 2]
     assert torch.allclose(whole, chunked, atol=1e-4)
 
 
 def test_bits_per_dim_conversions():
     d = 3 * 64 * 64
-    # a uniform density on [0, 1] (log p = 0) is exactly 8 bits/dim of 8-bit data
-    assert bits_per_dim(0.0, d, "continuous") == pytest.approx(8.0)
-    # a discrete model putting 1/256 on every level is also 8 bits/dim
-    assert bits_per_dim(-d * math.log(256), d, "discrete") == pytest.approx(8.0)
-    assert bits_per_dim(-1000.0, 100, "discrete") == pytest.approx(1000 / (100 * math.log(2)))
-    assert bits_per_dim(-5.0, 10, "none") is None
+    # a model putting 1/256 on every level is 8 bits/dim
+    assert bits_per_dim(-d * math.log(256), d) == pytest.approx(8.0)
+    assert bits_per_dim(-1000.0, 100) == pytest.approx(1000 / (100 * math.log(2)))
+    assert bits_per_dim(None, 10) is None
 
 
 def test_psnr_hand_computed():

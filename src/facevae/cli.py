@@ -75,7 +75,8 @@ def _run_commands(sub: Any, d: "Config") -> None:
     s.add_argument("--iw-samples", type=int, default=1, help="K importance samples for -log p(x) (default 1: ELBO)")
     s.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     s.add_argument("--batch-size", type=int, default=d.eval_batch_size,
-                   help=f"images decoded at once (default {d.eval_batch_size}, the config's eval_batch_size)")
+                   help="images decoded at once (default: the run's eval_batch_size; 0: by device, 32 on a CPU, "
+                        "256 on a GPU)")
     s.add_argument("--device", help="auto, cpu or cuda (default: the run's config, as in training)")
     s.add_argument("--fid-weights", metavar="FILE",
                    help="Inception weights (inception-2015-12-05, torch-fidelity's .pth) for FID; needs facevae[fid]")

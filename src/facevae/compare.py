@@ -29,6 +29,8 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def _nll(r: dict[str, Any]) -> str:
+    if r.get("nll_iw_nats") is None:
+        return "n/a"
     stderr = r.get("nll_iw_stderr")
     pm = f" ± {stderr:.2f}" if stderr is not None else ""
     return f"{r['nll_iw_nats']:.2f}{pm} (K={r['iw_samples']})"
@@ -37,12 +39,13 @@ def _nll(r: dict[str, Any]) -> str:
 # (row label in Markdown, formatter of one report); "\|" is a literal bar inside a Markdown table cell.
 ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("likelihood", lambda r: r["likelihood"]),
-    ("ELBO, nats/image (higher is better)", lambda r: f"{r['elbo_nats']:.2f}"),
-    ("reconstruction E_q[log p(x\\|z)], nats/image", lambda r: f"{r['recon_nats']:.2f}"),
+    ("ELBO of the 8-bit images, nats/image (higher is better)", lambda r: _fmt(r.get("elbo_nats"), ".2f")),
+    ("reconstruction E_q[log P(x\\|z)], nats/image", lambda r: _fmt(r.get("recon_nats"), ".2f")),
     ("KL(q(z\\|x) ‖ p(z)), nats/image", lambda r: f"{r['kl_nats']:.2f}"),
-    ("-log p(x) importance-weighted, nats/image (lower is better)", _nll),
+    ("-log P(x) importance-weighted, nats/image (lower is better)", _nll),
     ("-ELBO, bits/dim (lower is better)", lambda r: _fmt(r.get("elbo_bpd"), ".4f")),
-    ("-log p(x), bits/dim (lower is better)", lambda r: _fmt(r.get("nll_iw_bpd"), ".4f")),
+    ("-log P(x), bits/dim (lower is better)", lambda r: _fmt(r.get("nll_iw_bpd"), ".4f")),
+    ("ELBO of the training density, nats/image", lambda r: _fmt(r.get("density_elbo_nats"), ".2f")),
     ("training objective -recon + β KL, nats/image", lambda r: f"{r['loss_nats']:.2f} (β={r['kl_weight']:g})"
      if "loss_nats" in r else "n/a"),
     ("PSNR, dB (higher is better)", lambda r: f"{r['psnr_db']:.2f}"),
@@ -90,9 +93,9 @@ def markdown_table(labels: list[str], reports: list[dict[str, Any]], *, stale: S
         notes.append(f"{', '.join(stale)}: the model is newer than eval.json; run `facevae evaluate` again")
     unnormalised = [lab for lab, r in zip(labels, reports) if r.get("elbo_bpd") is None]
     if unnormalised:
-        notes.append(f"{', '.join(unnormalised)}: the likelihood is not a normalised density of [0, 1] pixels, so "
-                     f"its ELBO is a training objective, not a bound on log p(x); its nats do not compare with the "
-                     f"other runs' (no bits/dim)")
+        notes.append(f"{', '.join(unnormalised)}: the likelihood is not a normalised density of [0, 1] pixels and "
+                     f"gives no probability of 8-bit images, so it has no ELBO of them, no -log P(x) and no "
+                     f"bits/dim; its training density's ELBO is an objective, not a bound")
     settings = {(r.get("split"), r.get("images"), (r.get("data") or {}).get("manifest_sha256")) for r in reports}
     if len(settings) > 1:
         notes.append("the runs were evaluated on different data (split, number of images or data cache): "

@@ -59,7 +59,7 @@ class Config:
     batch_size: int = 64
     learning_rate: float = 1e-3  # Adam
     weight_decay: float = 0.0
-    eval_batch_size: int = 256  # batch size of the test pass and evaluation (no gradients: larger is faster)
+    eval_batch_size: int = 0  # images per decoder call when evaluating (0: by device, 32 on a CPU, 256 on a GPU)
     log_every: int = 100  # steps between logged training metrics (the deck prints PSNR every 100 batches)
     image_every: int = 1  # epochs between reconstruction and sample grids in images/ (the last epoch always has them)
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: at the end of each epoch only)
@@ -104,7 +104,7 @@ class Config:
     def _validate_ranges(self) -> None:
         """Every number within its range: counts, sizes, seeds, finite rates and weights."""
         limits = {"image_size": (1, MAX_IMAGE_SIZE), "channels": (1, 3), "latent_dim": (1, MAX_LATENT),
-                  "epochs": (1, None), "batch_size": (1, MAX_COUNT), "eval_batch_size": (1, MAX_COUNT),
+                  "epochs": (1, None), "batch_size": (1, MAX_COUNT), "eval_batch_size": (0, MAX_COUNT),
                   "log_every": (1, None), "image_count": (1, 4096), "max_bad_steps": (1, None),
                   "image_every": (1, None), "crop": (1, None), "kl_warmup_steps": (0, None), "max_steps": (0, None),
                   "checkpoint_every": (0, None), "threads": (0, None), "seed": (0, MAX_SEED),

@@ -51,6 +51,13 @@ def setup(config, *, device: str | None = None) -> tuple[torch.device, str]:
     return dev, resolve_precision(config.precision, dev)
 
 
+def eval_batch_size(device: torch.device, configured: int = 0) -> int:
+    """Images per decoder call when evaluating: `configured` (the config's eval_batch_size) when set, else 32 on a
+    CPU and 256 on a GPU. On a CPU the activations of larger batches pass glibc's 32 MB mmap threshold and are mapped
+    and page-faulted in afresh at every call, which slows the decoder (benchmarks/evaluate.py prints both)."""
+    return configured or (32 if device.type == "cpu" else 256)
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """Mixed-precision autocast for the network; likelihood and KL sums stay float32 (distributions.py casts)."""
     if precision == "float32":

@@ -18,35 +18,38 @@ from tqdm import tqdm
 
 import facevae.fid as fid
 from facevae.data import SplitView
-from facevae.device import autocast, setup
+from facevae.distributions import Likelihood
+from facevae.device import autocast, eval_batch_size, setup
 from facevae.errors import UserError
-from facevae.metrics import bits_per_dim, iw_log_likelihood, mse, psnr, ssim
-from facevae.model import VAE
+from facevae.metrics import bits_per_dim, importance_samples, iw_bound, mse, psnr, ssim
+from facevae.model import ELBO, VAE
 from facevae.pixels import to_float
 from facevae.run import Run
 from facevae.version import __version__
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al.: unit u is active when Var_x(E_q[z_u | x]) > 0.01
 MAX_EVAL_HOURS = 12  # an evaluation estimated to take longer is refused unless --yes
-PER_IMAGE = ("elbo", "recon", "kl", "loss", "log_px", "mse", "psnr", "ssim")  # figures gathered per image, (N,)
 
 
 @torch.inference_mode()
-def evaluate(vae: VAE, images: torch.Tensor | SplitView, *, iw_samples: int = 1, batch_size: int = 256,
+def evaluate(vae: VAE, images: torch.Tensor | SplitView, *, iw_samples: int = 1, batch_size: int | None = None,
              device: torch.device | str = "cpu", precision: str = "float32", progress: bool = False) -> dict[str, Any]:
     """Evaluate `vae` (in eval mode) on uint8 images (N, C, H, W); return the report's numbers.
 
     Runs in inference mode under the given device and precision (autocast for the network; every likelihood and KL
-    sum in float32). The ELBO terms come from vae(x), the forward pass training uses. No call decodes more than
-    `batch_size` images at once, whatever `iw_samples` is: the bound takes `group` images times `chunk` samples per
-    decoder call, group * chunk <= batch_size.
+    sum in float32). The ELBO terms come from vae(x), the forward pass training uses, its sample of z scored both by
+    the density training optimises and as the probability of the 8-bit image. The K samples of the bound (K > 1)
+    also give the Monte Carlo error of that one-sample ELBO. No call decodes more than `batch_size` images
+    (default: eval_batch_size(device)), whatever `iw_samples` is: the bound takes `group` images times `chunk`
+    samples per decoder call, group * chunk <= batch_size.
     """
+    device = torch.device(device)
+    batch_size = eval_batch_size(device) if batch_size is None else batch_size
     if iw_samples < 1 or batch_size < 1:
         raise ValueError(f"iw_samples and batch_size must be at least 1, got {iw_samples} and {batch_size}")
-    device = torch.device(device)
     vae.eval()
     n = len(images)
-    per_image: dict[str, list[torch.Tensor]] = {k: [] for k in PER_IMAGE}
+    per_image: dict[str, list[torch.Tensor]] = {}
     posterior_means: list[torch.Tensor] = []  # (B, latent_dim) each: the active-unit statistic needs their variance
     kl_dims = torch.zeros(vae.config.latent_dim, dtype=torch.float64, device=device)  # summed, no host sync
     bar = tqdm(total=n * iw_samples, desc="evaluate", unit="sample", unit_scale=True, disable=not progress,
@@ -54,14 +57,11 @@ def evaluate(vae: VAE, images: torch.Tensor | SplitView, *, iw_samples: int = 1,
     for start in range(0, n, batch_size):
         x = to_float(images[start:start + batch_size], device)  # (B, C, H, W) uint8 -> float in [0, 1]
         with autocast(device, precision):
-            terms = vae(x)  # elbo, recon, kl, loss per image (B,) nats; the posterior q(z|x)
-            x_rec = vae.decode(terms.posterior.mode()).mean.float().clamp(0, 1)  # (B, C, H, W): posterior mean
-            log_px = terms.elbo if iw_samples == 1 else _iw_bound(vae, x, iw_samples, batch_size, bar)
+            terms = vae(x)  # elbo, recon, kl, loss per image (B,) nats; the posterior q(z|x); p(x|z) at its sample
+            figures = _batch_figures(vae, x, terms, iw_samples, batch_size, bar)
         bar.update(len(x) if iw_samples == 1 else 0)
-        figures = {"elbo": terms.elbo, "recon": terms.recon, "kl": terms.kl, "loss": terms.loss_per_image,
-                   "log_px": log_px.float(), "mse": mse(x_rec, x), "psnr": psnr(x_rec, x), "ssim": ssim(x_rec, x)}
         for k, v in figures.items():
-            per_image[k].append(v)
+            per_image.setdefault(k, []).append(v)
         posterior_means.append(terms.posterior.mean)
         kl_dims += terms.posterior.kl_per_dim().double().sum(0)
     bar.close()
@@ -71,16 +71,32 @@ def evaluate(vae: VAE, images: torch.Tensor | SplitView, *, iw_samples: int = 1,
     return _report(vae, v, activity, kl_dims.cpu() / n, dims=images[0].numel(), iw_samples=iw_samples)
 
 
-def _iw_bound(vae: VAE, x: torch.Tensor, iw_samples: int, batch_size: int, bar: tqdm) -> torch.Tensor:
-    """The importance-weighted bound of a batch, (B,) nats; each call decodes len(x[i:i + group]) * chunk <=
-    batch_size images; the progress bar advances by each group's samples."""
-    chunk = min(iw_samples, batch_size)  # samples per image per decoder call
-    group = max(1, batch_size // iw_samples)  # images per decoder call
-    out = []
-    for i in range(0, len(x), group):
-        out.append(iw_log_likelihood(vae, x[i:i + group], iw_samples, chunk=chunk))
-        bar.update(len(x[i:i + group]) * iw_samples)
-    return torch.cat(out)
+def _batch_figures(vae: VAE, x: torch.Tensor, terms: ELBO, iw_samples: int, batch_size: int,
+                   bar: tqdm) -> dict[str, torch.Tensor]:
+    """Per-image figures of one batch, each (B,): the density's and the 8-bit ELBO terms, their importance-weighted
+    bounds and Monte Carlo variances (K > 1), the training loss, MSE, PSNR and SSIM."""
+    x_rec = vae.decode(terms.posterior.mode()).mean.float().clamp(0, 1)  # (B, C, H, W): posterior mean
+    out = {"kl": terms.kl, "density_recon": terms.recon, "loss": terms.loss_per_image,
+           "mse": mse(x_rec, x), "psnr": psnr(x_rec, x), "ssim": ssim(x_rec, x)}
+    eight_bit = terms.likelihood.has_8bit()
+    if eight_bit:
+        out["recon"] = terms.likelihood.log_prob_8bit(x)  # the same z, scored as the 8-bit image
+    if iw_samples > 1:
+        chunk = min(iw_samples, batch_size)  # samples per image per decoder call
+        group = max(1, batch_size // iw_samples)  # images per decoder call
+        parts = []
+        for i in range(0, len(x), group):  # each call decodes len(x[i:i + group]) * chunk <= batch_size images
+            parts.append(importance_samples(vae, x[i:i + group], iw_samples, chunk=chunk,
+                                            posterior=terms.posterior.select(slice(i, i + group))))
+            bar.update(len(x[i:i + group]) * iw_samples)  # the progress bar counts importance samples
+        ratio = torch.cat([p.log_ratio for p in parts], dim=1)  # (K, B)
+        scored = {"density_": torch.cat([p.log_density for p in parts], dim=1)}  # (K, B)
+        if eight_bit:
+            scored[""] = torch.cat([p.log_prob_8bit for p in parts], dim=1)
+        for prefix, log_px_z in scored.items():
+            out[prefix + "log_px"] = iw_bound(log_px_z, ratio)
+            out[prefix + "recon_var"] = log_px_z.var(0)  # the variance of a one-sample reconstruction term
+    return {k: t.float() for k, t in out.items()}
 
 
 @torch.inference_mode()
@@ -93,9 +109,9 @@ def estimate_seconds(vae: VAE, images: SplitView, *, iw_samples: int, batch_size
     with autocast(device, precision):
         z = vae.encode(x).sample(min(batch_size, n * iw_samples)).reshape(-1, vae.config.latent_dim)  # (b, latent)
         x_rep = x.expand(len(z), *x.shape[1:])
-        vae.decode(z).log_prob(x_rep)  # warm-up: first calls pay for allocation and kernel choice
+        _score(vae.decode(z), x_rep)  # warm-up: first calls pay for allocation and kernel choice
         start = time.perf_counter()
-        vae.decode(z).log_prob(x_rep).sum().item()  # .item(): wait for the device
+        _score(vae.decode(z), x_rep).sum().item()  # .item(): wait for the device
         seconds = time.perf_counter() - start
     return math.ceil(n * (iw_samples + (2 if iw_samples > 1 else 1)) / len(z)) * seconds
 
@@ -117,24 +133,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} minutes"
 
 
+def _score(likelihood: Likelihood, x: torch.Tensor) -> torch.Tensor:
+    """What evaluation computes per decoded sample: the density's log-likelihood and the 8-bit one; (B,) nats."""
+    lp = likelihood.log_prob(x)
+    return lp + likelihood.log_prob_8bit(x) if likelihood.has_8bit() else lp
+
+
 def _report(vae: VAE, v: dict[str, torch.Tensor], activity: torch.Tensor, kl_per_dim: torch.Tensor, *, dims: int,
             iw_samples: int) -> dict[str, Any]:
     """The report's numbers from the per-image figures (N,) and the per-dimension statistics (latent_dim,)."""
-    n = len(v["elbo"])
-    nll = -v["log_px"]  # (N,) nats per image
-    support = vae.likelihood_type.support
-    return {
-        "elbo_nats": v["elbo"].mean().item(),
-        "recon_nats": v["recon"].mean().item(),
-        "kl_nats": v["kl"].mean().item(),
-        "nll_iw_nats": nll.mean().item(),
-        "nll_iw_stderr": nll.std().item() / math.sqrt(n) if n > 1 else None,  # over images; None for one image
-        "iw_samples": iw_samples,
-        "elbo_bpd": bits_per_dim(v["elbo"].mean().item(), dims, support),
-        "nll_iw_bpd": bits_per_dim(-nll.mean().item(), dims, support),
+    n = len(v["kl"])
+    report = _likelihood_figures(v, n, iw_samples)
+    report.update({
+        "elbo_bpd": bits_per_dim(report["elbo_nats"], dims),
+        "nll_iw_bpd": bits_per_dim(None if report["nll_iw_nats"] is None else -report["nll_iw_nats"], dims),
         "loss_nats": v["loss"].mean().item(),
         "kl_weight": vae.config.kl_weight,
-        "psnr_db": v["psnr"].mean().item(),
+        "psnr_db": v["psnr"].mean().item(),  # the mean of the per-image PSNRs
         "ssim": v["ssim"].mean().item(),
         "mse": v["mse"].mean().item(),
         "active_units": int((activity > ACTIVE_UNIT_THRESHOLD).sum()),
@@ -143,11 +158,38 @@ def _report(vae: VAE, v: dict[str, torch.Tensor], activity: torch.Tensor, kl_per
         "likelihood": vae.config.likelihood,
         "images": n,
         "dims": dims,
-    }
+    })
+    return report
+
+
+def _likelihood_figures(v: dict[str, torch.Tensor], n: int, iw_samples: int) -> dict[str, Any]:
+    """ELBO terms and the importance-weighted -log p(x) with their errors, nats per image. Unprefixed: of the 8-bit
+    image (None where the likelihood has no 8-bit probability); density_*: of the density training optimises."""
+    def stderr(t: torch.Tensor) -> float | None:  # the standard error of the mean over images; None for one image
+        return t.std().item() / math.sqrt(n) if n > 1 else None
+
+    out: dict[str, Any] = {"kl_nats": v["kl"].mean().item(), "iw_samples": iw_samples}
+    for prefix in ("", "density_"):
+        if prefix + "recon" not in v:
+            out.update({prefix + key: None for key in ("elbo_nats", "elbo_stderr", "elbo_mc_stderr", "recon_nats",
+                                                       "nll_iw_nats", "nll_iw_stderr")})
+            continue
+        elbo = v[prefix + "recon"] - v["kl"]  # (N,)
+        nll = -elbo if iw_samples == 1 else -v[prefix + "log_px"]  # (N,); K = 1 is the ELBO itself
+        var = v.get(prefix + "recon_var")  # (N,) Monte Carlo variance of each image's one-sample term
+        out.update({
+            prefix + "elbo_nats": elbo.mean().item(),
+            prefix + "elbo_stderr": stderr(elbo),  # the spread over images
+            prefix + "elbo_mc_stderr": var.sum().sqrt().item() / n if var is not None else None,  # from sampling z
+            prefix + "recon_nats": v[prefix + "recon"].mean().item(),
+            prefix + "nll_iw_nats": nll.mean().item(),
+            prefix + "nll_iw_stderr": stderr(nll),  # over images
+        })
+    return out
 
 
 def evaluate_run(run: Run | str | Path, *, split: str = "test", iw_samples: int = 1, limit: int | None = None,
-                 batch_size: int = 256, device: str | None = None, fid_weights: str | Path | None = None,
+                 batch_size: int | None = None, device: str | None = None, fid_weights: str | Path | None = None,
                  seed: int = 0, data: str | None = None, yes: bool = False) -> dict[str, Any]:
     """Evaluate a run's model on a split of its data; write RUN_DIR/eval.json and return the report.
 
@@ -160,13 +202,14 @@ def evaluate_run(run: Run | str | Path, *, split: str = "test", iw_samples: int 
     """
     if iw_samples < 1:
         raise UserError(f"--iw-samples must be at least 1, got {iw_samples}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size is not None and batch_size < 0:
+        raise UserError(f"--batch-size must be positive (or 0: by device), got {batch_size}")
     run = Run(run)
     run.check_writable()  # eval.json is written there: only into a run
     vae = run.load_model(data=data)  # the data from config.toml or --data, never the weights' metadata
     config = vae.config
     dev, precision = setup(config, device=device)  # the run's hardware choices, as in training
+    batch_size = batch_size or eval_batch_size(dev, config.eval_batch_size)
     vae = vae.to(dev)
     if config.channels_last:
         vae = vae.to(memory_format=torch.channels_last)
@@ -219,16 +262,21 @@ def format_report(r: dict[str, Any]) -> str:
     def num(v: Any, fmt: str) -> str:
         return "n/a" if v is None else format(v, fmt)
 
+    def pm(key: str) -> str:
+        return "" if r.get(key) is None else f" +- {r[key]:.2f}"
+
     rows = [
-        ("ELBO (lower bound on log p(x), higher is better)", f"{r['elbo_nats']:.2f} nats/image",
-         f"{num(r['elbo_bpd'], '.4f')} bits/dim"),
-        ("  reconstruction E_q[log p(x|z)]", f"{r['recon_nats']:.2f} nats/image", ""),
+        ("ELBO of the 8-bit image (lower bound on log P(x), higher is better)",
+         f"{num(r['elbo_nats'], '.2f')}{pm('elbo_stderr')} nats/image", f"{num(r['elbo_bpd'], '.4f')} bits/dim"),
+        ("  its Monte Carlo error (one z per image)", f"{num(r.get('elbo_mc_stderr'), '.3f')} nats/image", ""),
+        ("  reconstruction E_q[log P(x|z)]", f"{num(r['recon_nats'], '.2f')} nats/image", ""),
         ("  KL(q(z|x) || p(z))", f"{r['kl_nats']:.2f} nats/image", ""),
-        (f"-log p(x), importance-weighted K={r['iw_samples']} (lower is better)",
-         f"{r['nll_iw_nats']:.2f} +- {num(r['nll_iw_stderr'], '.2f')} nats/image",
-         f"{num(r['nll_iw_bpd'], '.4f')} bits/dim"),
-        (f"training objective -recon + {r['kl_weight']:g} * KL", f"{r['loss_nats']:.2f} nats/image", ""),
-        ("PSNR (posterior-mean reconstruction)", f"{r['psnr_db']:.2f} dB", ""),
+        (f"-log P(x), importance-weighted K={r['iw_samples']} (lower is better)",
+         f"{num(r['nll_iw_nats'], '.2f')}{pm('nll_iw_stderr')} nats/image", f"{num(r['nll_iw_bpd'], '.4f')} bits/dim"),
+        ("ELBO of the continuous density that training optimises",
+         f"{r['density_elbo_nats']:.2f}{pm('density_elbo_stderr')} nats/image", ""),
+        (f"training objective -recon + {r['kl_weight']:g} * KL (density)", f"{r['loss_nats']:.2f} nats/image", ""),
+        ("PSNR (posterior-mean reconstruction, mean over images)", f"{r['psnr_db']:.2f} dB", ""),
         ("SSIM", f"{r['ssim']:.4f}", ""),
         ("MSE (pixels in [0, 1])", f"{r['mse']:.5f}", ""),
         ("active units (Var > 0.01)", f"{r['active_units']} / {r['latent_dim']}", ""),

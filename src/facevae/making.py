@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from facevae.attributes import attribute_names, compute_attribute_vectors, load_attribute_vectors
-from facevae.device import setup
+from facevae.device import eval_batch_size, setup
 from facevae.errors import UserError
 from facevae.evaluate import ACTIVE_UNIT_THRESHOLD
 from facevae.faces import (analogy, decode, edit, encode, encode_split, face_label, interpolate, load_face,
@@ -87,8 +87,8 @@ def traverse_faces(run: str | Path | Run, *, image: str | None = None, dims: int
     vae = run.load_model()
     center = encode(vae, load_face(vae.config, image)[None])[0].cpu() if image else torch.zeros(vae.config.latent_dim)
     dev, precision = setup(vae.config, device=device)
-    stats = encode_split(vae, run.data(vae.config, "test"), batch_size=vae.config.eval_batch_size, device=dev,
-                         precision=precision)
+    stats = encode_split(vae, run.data(vae.config, "test"), batch_size=eval_batch_size(dev, vae.config.eval_batch_size),
+                         device=dev, precision=precision)
     vae = vae.cpu()
     order = torch.argsort(stats.kl_per_dim, descending=True, stable=True)[:dims].tolist()
     values = torch.linspace(-range_, range_, TRAVERSAL_COLUMNS, dtype=torch.float64)

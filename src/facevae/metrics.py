@@ -1,4 +1,4 @@
-"""Figures computed from a model and images: the importance-weighted bound, bits/dim, PSNR, SSIM. Units stated.
+"""Figures computed from a model and images: importance samples and the bound, bits/dim, PSNR, SSIM. Units stated.
 
 The bound needs only a model with encode(x) -> posterior and decode(z) -> likelihood (the VAE is one).
 """
@@ -6,6 +6,7 @@ The bound needs only a model with encode(x) -> posterior and decode(z) -> likeli
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -22,33 +23,47 @@ class LatentModel(Protocol):
     def decode(self, z: torch.Tensor) -> Likelihood: ...
 
 
-def iw_log_likelihood(model: LatentModel, x: torch.Tensor, samples: int, *, chunk: int | None = None) -> torch.Tensor:
-    """The importance-weighted bound (Burda et al.): log (1/K) sum_k p(x, z_k) / q(z_k|x), z_k ~ q(z|x); (B,) nats.
+@dataclass
+class ImportanceSamples:
+    """K draws z_k ~ q(z|x) for each of B images; every term (K, B) in nats."""
 
-    K = 1 is the ELBO (with a sampled reconstruction term); it rises with K toward log p(x). The K samples are decoded
-    `chunk` at a time (default: all at once) as one batch of chunk * B images, and combined with logsumexp.
+    log_ratio: torch.Tensor  # log p(z_k) - log q(z_k|x)
+    log_density: torch.Tensor  # log p(x|z_k): the density (or mass) that training optimises
+    log_prob_8bit: torch.Tensor | None  # log P(x|z_k) of the 8-bit image; None where the likelihood has none
+
+
+def importance_samples(model: LatentModel, x: torch.Tensor, samples: int, *, chunk: int | None = None,
+                       posterior: DiagonalGaussian | None = None) -> ImportanceSamples:
+    """Draw `samples` latents per image from q(z|x) (`posterior`, or encoded here) and score x under each.
+
+    The samples are decoded `chunk` at a time (default: all at once) as one batch of chunk * B images.
     """
-    posterior = model.encode(x)
+    posterior = model.encode(x) if posterior is None else posterior
     chunk = samples if chunk is None else max(1, min(chunk, samples))
-    log_w = []
+    ratio, density, eight_bit = [], [], []
     for start in range(0, samples, chunk):
         k = min(chunk, samples - start)
         z = posterior.sample(k)  # (k, B, latent_dim)
-        x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])
-        log_px_z = model.decode(z.reshape(-1, z.shape[-1])).log_prob(x_rep).view(k, -1)  # (k, B)
-        log_w.append(log_px_z + standard_normal_log_prob(z) - posterior.log_prob(z))
-    return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(samples)
+        x_rep = x.unsqueeze(0).expand(k, *x.shape).reshape(k * x.shape[0], *x.shape[1:])  # (k * B, C, H, W)
+        likelihood = model.decode(z.reshape(-1, z.shape[-1]))
+        density.append(likelihood.log_prob(x_rep).view(k, -1))  # (k, B)
+        if likelihood.has_8bit():
+            eight_bit.append(likelihood.log_prob_8bit(x_rep).view(k, -1))
+        ratio.append(standard_normal_log_prob(z) - posterior.log_prob(z))
+    return ImportanceSamples(torch.cat(ratio), torch.cat(density), torch.cat(eight_bit) if eight_bit else None)
 
 
-def bits_per_dim(log_likelihood_nats: float, dims: int, support: str) -> float | None:
-    """-log P(x) / (D ln 2) for 8-bit data; continuous densities on [0, 1] add the dequantisation term D ln 256.
+def iw_bound(log_px_z: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """The importance-weighted bound (Burda et al.): log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x), (K, B) -> (B,).
 
-    None where the likelihood is not a normalised density of the data (Bernoulli on grey levels).
+    K = 1 is an ELBO estimate (with a sampled KL); the bound rises with K toward log p(x). logsumexp, never exp.
     """
-    if support == "none":
-        return None
-    nll = -log_likelihood_nats + (dims * math.log(256) if support == "continuous" else 0.0)
-    return nll / (dims * math.log(2))
+    return torch.logsumexp(log_px_z + log_ratio, dim=0) - math.log(log_px_z.shape[0])
+
+
+def bits_per_dim(log_likelihood_nats: float | None, dims: int) -> float | None:
+    """-log P(x) / (D ln 2) for the log-probability of 8-bit data (no dequantisation term); None for None."""
+    return None if log_likelihood_nats is None else -log_likelihood_nats / (dims * math.log(2))
 
 
 def mse(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

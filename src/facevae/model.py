@@ -31,8 +31,13 @@ class ELBO:
     kl: torch.Tensor  # KL(q(z|x) || N(0, I)), closed form
     loss_per_image: torch.Tensor  # -recon + kl_weight * kl (the true -ELBO when kl_weight = 1)
     loss: torch.Tensor  # the batch mean of loss_per_image: what training minimises
-    x_mean: torch.Tensor  # the mean of p(x|z) for the sampled z, (B, C, S, S): the reconstruction
     posterior: DiagonalGaussian  # q(z|x): mean and logvar (B, latent_dim)
+    likelihood: Likelihood  # p(x|z) at the sampled z (its log_prob_8bit scores the same sample as 8-bit data)
+
+    @property
+    def x_mean(self) -> torch.Tensor:
+        """The mean of p(x|z) for the sampled z, (B, C, S, S): the reconstruction (computed when asked for)."""
+        return self.likelihood.mean
 
 
 def elbo(posterior: DiagonalGaussian, likelihood: Likelihood, x: torch.Tensor, *, kl_weight: float = 1.0) -> ELBO:
@@ -41,7 +46,7 @@ def elbo(posterior: DiagonalGaussian, likelihood: Likelihood, x: torch.Tensor, *
     kl = posterior.kl()  # (B,)
     per_image = kl_weight * kl - recon
     return ELBO(elbo=recon - kl, recon=recon, kl=kl, loss_per_image=per_image, loss=per_image.mean(),
-                x_mean=likelihood.mean, posterior=posterior)
+                posterior=posterior, likelihood=likelihood)
 
 MAX_PARAMETERS = 250_000_000  # 1 GB of float32 weights: far above any network this toolkit's recipes build
 

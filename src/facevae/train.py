@@ -36,7 +36,7 @@ from tqdm import tqdm
 import facevae.checkpoint as ckpt
 from facevae.config import Config
 from facevae.data import SplitView, checked_cache, split_view
-from facevae.device import autocast, setup
+from facevae.device import autocast, eval_batch_size, setup
 from facevae.distributed import World, sync_batchnorm
 from facevae.errors import Interrupted, UserError, first_line
 from facevae.evaluate import evaluate
@@ -47,8 +47,11 @@ from facevae.pixels import to_float
 from facevae.run import Run, save_epoch_pictures
 from facevae.watch import RunWatch
 
-TRAIN_TERMS = ("loss", "elbo", "recon", "kl", "psnr")
-TEST_TERMS = ("elbo_nats", "recon_nats", "kl_nats", "elbo_bpd", "psnr_db", "mse")  # of the epoch's test pass
+# The training step's terms: batch means of the density that training optimises, and psnr_sampled, the PSNR of the
+# mean of p(x|z) at the step's sampled z (not the posterior-mean reconstruction that evaluation's psnr_db scores).
+TRAIN_TERMS = ("loss", "elbo", "recon", "kl", "psnr_sampled")
+# Of the epoch's test pass: the 8-bit figures, and the density's ELBO, comparable with the training terms.
+TEST_TERMS = ("elbo_nats", "recon_nats", "kl_nats", "elbo_bpd", "density_elbo_nats", "psnr_db", "mse")
 
 
 @dataclass
@@ -402,7 +405,7 @@ class Trainer:
                         **{f"train_{k}": v for k, v in means.items()}, "kl_weight": kl_weight,
                         "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": s.skipped,
                         "img_per_s": s.seen / (time.perf_counter() - self.clock)})
-        bar.set_postfix(loss=f"{means['loss']:.1f}", psnr=f"{means['psnr']:.2f}dB")
+        bar.set_postfix(loss=f"{means['loss']:.1f}", psnr_sampled=f"{means['psnr_sampled']:.2f}dB")
         return stopping
 
     def _stop(self, stop: GracefulStop) -> None:
@@ -441,8 +444,8 @@ class Trainer:
         c = self.config
         self._sync()
         self.vae.eval()
-        test = evaluate(self.vae, self.test_images, batch_size=c.eval_batch_size, device=self.device,
-                        precision=self.precision) if len(self.test_images) else {}
+        test = evaluate(self.vae, self.test_images, batch_size=eval_batch_size(self.device, c.eval_batch_size),
+                        device=self.device, precision=self.precision) if len(self.test_images) else {}
         self.state.epoch = epoch + 1
         record = self._record("epoch", test)
         self.log.write(record)
@@ -508,9 +511,12 @@ def _warmup(step: int, steps: int) -> float:
 
 
 def _epoch_line(r: dict[str, Any]) -> str:
-    parts = [f"epoch {r['epoch']}", f"train elbo {r['train_elbo']:.1f} nats", f"psnr {r['train_psnr']:.2f} dB"]
-    if "test_elbo_nats" in r:
-        parts += [f"test elbo {r['test_elbo_nats']:.1f} nats", f"psnr {r['test_psnr_db']:.2f} dB"]
+    parts = [f"epoch {r['epoch']}", f"train elbo {r['train_elbo']:.1f} nats (density)",
+             f"psnr at sampled z {r['train_psnr_sampled']:.2f} dB"]
+    if "test_density_elbo_nats" in r:
+        bpd = r.get("test_elbo_bpd")
+        parts += [f"test elbo {r['test_density_elbo_nats']:.1f} nats (density)"
+                  + (f", {bpd:.4f} bits/dim (8-bit)" if bpd is not None else ""), f"psnr {r['test_psnr_db']:.2f} dB"]
     if r.get("img_per_s"):
         parts.append(f"{r['img_per_s']:.0f} img/s")
     return " | ".join(parts)
