@@ -98,7 +98,8 @@ def _stub_vae(latent_dim: int) -> SimpleNamespace:
 
 
 def _per_image(log_px: list[float]) -> dict[str, torch.Tensor]:
-    v = {k: torch.zeros(len(log_px), dtype=torch.float64) for k in ev.PER_IMAGE}
+    keys = ("kl", "recon", "density_recon", "loss", "log_px", "density_log_px", "mse", "psnr", "ssim")  # per image
+    v = {k: torch.zeros(len(log_px), dtype=torch.float64) for k in keys}
     v["log_px"] = torch.tensor(log_px, dtype=torch.float64)
     return v
 

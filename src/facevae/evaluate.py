@@ -58,8 +58,10 @@ def evaluate(vae: VAE, images: torch.Tensor | SplitView, *, iw_samples: int = 1,
         x = to_float(images[start:start + batch_size], device)  # (B, C, H, W) uint8 -> float in [0, 1]
         with autocast(device, precision):
             terms = vae(x)  # elbo, recon, kl, loss per image (B,) nats; the posterior q(z|x); p(x|z) at its sample
-            figures = _batch_figures(vae, x, terms, iw_samples, batch_size, bar)
+            x_rec = vae.decode(terms.posterior.mode()).mean.float().clamp(0, 1)  # (B, C, H, W): posterior mean
+            figures = _likelihood_terms(vae, x, terms, iw_samples, batch_size, bar)
         bar.update(len(x) if iw_samples == 1 else 0)
+        figures.update(mse=mse(x_rec, x), psnr=psnr(x_rec, x), ssim=ssim(x_rec, x))  # float32, out of autocast
         for k, v in figures.items():
             per_image.setdefault(k, []).append(v)
         posterior_means.append(terms.posterior.mean)
@@ -71,13 +73,11 @@ def evaluate(vae: VAE, images: torch.Tensor | SplitView, *, iw_samples: int = 1,
     return _report(vae, v, activity, kl_dims.cpu() / n, dims=images[0].numel(), iw_samples=iw_samples)
 
 
-def _batch_figures(vae: VAE, x: torch.Tensor, terms: ELBO, iw_samples: int, batch_size: int,
-                   bar: tqdm) -> dict[str, torch.Tensor]:
+def _likelihood_terms(vae: VAE, x: torch.Tensor, terms: ELBO, iw_samples: int, batch_size: int,
+                      bar: tqdm) -> dict[str, torch.Tensor]:
     """Per-image figures of one batch, each (B,): the density's and the 8-bit ELBO terms, their importance-weighted
-    bounds and Monte Carlo variances (K > 1), the training loss, MSE, PSNR and SSIM."""
-    x_rec = vae.decode(terms.posterior.mode()).mean.float().clamp(0, 1)  # (B, C, H, W): posterior mean
-    out = {"kl": terms.kl, "density_recon": terms.recon, "loss": terms.loss_per_image,
-           "mse": mse(x_rec, x), "psnr": psnr(x_rec, x), "ssim": ssim(x_rec, x)}
+    bounds and Monte Carlo variances (K > 1), and the training loss."""
+    out = {"kl": terms.kl, "density_recon": terms.recon, "loss": terms.loss_per_image}
     eight_bit = terms.likelihood.has_8bit()
     if eight_bit:
         out["recon"] = terms.likelihood.log_prob_8bit(x)  # the same z, scored as the 8-bit image
