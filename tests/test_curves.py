@@ -39,10 +39,10 @@ def test_curves_are_the_logged_numbers(runs):
     elbo = by_title[EPOCH_PANELS[0][0]]
     lines = {line.get_label(): line for line in elbo.lines}
     assert list(lines["test"].get_xdata()) == [1, 2]
-    assert list(lines["test"].get_ydata()) == pytest.approx([-r["test_elbo_nats"] for r in epochs])
+    assert list(lines["test"].get_ydata()) == pytest.approx([-r["test_density_elbo_nats"] for r in epochs])
     assert list(lines["train"].get_ydata()) == pytest.approx([-r["train_elbo"] for r in epochs])
     psnr = {line.get_label(): line for line in by_title[EPOCH_PANELS[2][0]].lines}
-    assert list(psnr["test"].get_ydata()) == pytest.approx([r["test_psnr_db"] for r in epochs])
+    assert list(psnr["test (posterior mean)"].get_ydata()) == pytest.approx([r["test_psnr_db"] for r in epochs])
     step_ax = [ax for ax in fig.axes if ax.get_xlabel() == "step"][0]
     assert list(step_ax.lines[0].get_xdata()) == [r["step"] for r in steps] == [1, 2, 3, 4]
     assert list(step_ax.lines[0].get_ydata()) == pytest.approx([r["train_loss"] for r in steps])

@@ -27,12 +27,14 @@ MAX_METRICS_BYTES = 512 * 2**20  # a metrics.jsonl past this is not one facevae 
 
 # (panel title, y label, [(metrics key, line label)]), one panel per entry, epochs on the x axis.
 EPOCH_PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
-    ("-ELBO (lower is better)", "nats / image", [("train_elbo", "train"), ("test_elbo_nats", "test")]),
+    ("-ELBO of the training density (lower is better)", "nats / image",
+     [("train_elbo", "train"), ("test_density_elbo_nats", "test")]),
     ("-ELBO of 8-bit images (lower is better)", "bits / dim", [("test_elbo_bpd", "test")]),
-    ("PSNR of reconstructions (higher is better)", "dB", [("train_psnr", "train"), ("test_psnr_db", "test")]),
+    ("PSNR of reconstructions (higher is better)", "dB",
+     [("train_psnr_sampled", "train (sampled z)"), ("test_psnr_db", "test (posterior mean)")]),
     ("KL(q(z|x) || p(z))", "nats / image", [("train_kl", "train"), ("test_kl_nats", "test")]),
 ]
-NEGATED = {"train_elbo", "test_elbo_nats"}  # plotted as -ELBO, so that every loss-like panel goes down
+NEGATED = {"train_elbo", "test_density_elbo_nats"}  # plotted as -ELBO, so that every loss-like panel goes down
 
 
 @dataclass
