@@ -66,7 +66,7 @@ def test_the_report_holds_numbers_curves_pictures_attributes_config(run, page):
     report = json.loads((run / "eval.json").read_text())
     words = doc.all_text()
     assert text.startswith("<!DOCTYPE html>\n" + REPORT_MARK)
-    for label, value in [("ELBO, nats/image (higher is better)", f"{report['elbo_nats']:.2f}"),
+    for label, value in [("ELBO of the 8-bit images, nats/image (higher is better)", f"{report['elbo_nats']:.2f}"),
                          ("-ELBO, bits/dim (lower is better)", f"{report['elbo_bpd']:.4f}"),
                          ("PSNR, dB (higher is better)", f"{report['psnr_db']:.2f}"),
                          ("SSIM (higher is better)", f"{report['ssim']:.4f}")]:
