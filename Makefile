@@ -33,6 +33,7 @@ demo: install
 	$(FACEVAE) analogy $(RUN) test:0 test:1 test:2
 	$(FACEVAE) report $(RUN)
 	@echo "demo done: see $(RUN)/report.html (numbers, curves, pictures), $(RUN)/images/ (reconstruct, sample, interpolate, traverse, analogy) and $(RUN)/eval.json"
+	@echo "to use the facevae command yourself, first run:  . $(VENV)/bin/activate"
 
 test: install
 	$(PY) -m pytest -q -m "not slow"

@@ -1,6 +1,6 @@
 """facevae's importance-weighted evaluation against the one-image-at-a-time loop of the popular toolkits.
 
-Both compute -log P(x) of 8-bit images with K importance samples, on the deck's default network (Config(): 64x64x3,
+Both compute -log P(x) of 8-bit images with K importance samples, on the deck's network (its Gaussian decoder, 64x64x3,
 widths 32-512, latent 128) with random weights in eval mode and N random images:
 
 - facevae: `evaluate(vae, images, iw_samples=K)`, the whole report (ELBO with its Monte Carlo error, the bound,
@@ -82,7 +82,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config, device = Config(), torch.device("cpu")
+    config, device = Config(image_size=64, channels=3, likelihood="gaussian"), torch.device("cpu")
     precision = resolve_precision(args.precision, device)  # the run's choice, as evaluate_run makes it
     vae = VAE(config).eval()  # the popular loop's: float32, NCHW
     fast = VAE(config).eval()

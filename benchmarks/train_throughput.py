@@ -10,7 +10,7 @@ bare:      the same network, batch, precision, memory format and (fused) Adam as
            facevae's loop itself. The two alternate, ROUNDS times each, and the best of each counts (the machine may
            be shared: the best run is the least disturbed one).
 
-All train the deck's 64x64 network (facevae.model.VAE, Config() defaults) with Adam on generated images; the
+All train the deck's 64x64 network (facevae.model.VAE, the deck's 64x64x3 Gaussian) with Adam on generated images; the
 reference's JPEG decoding is its steady state, facevae's one-time `prepare` is not counted. The last line printed is
 one JSON object: facevae_img_s, reference_img_s, ratio, bare_img_s, facevae_over_bare, device, batch_size.
 
@@ -83,7 +83,8 @@ class JpegFaces(Dataset):
 def reference_loop(paths: list[Path], batch_size: int, steps: int, device: torch.device, warmup: int = 3) -> float:
     """Images per second of a plain float32 NCHW loop fed by a 4-worker JPEG DataLoader."""
     torch.manual_seed(0)
-    vae = VAE(Config(channels_last=False).validate()).to(device).train()
+    config = Config(image_size=64, channels=3, likelihood="gaussian", channels_last=False).validate()
+    vae = VAE(config).to(device).train()
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
     loader = DataLoader(JpegFaces(paths), batch_size=batch_size, shuffle=True, num_workers=4, drop_last=True,
                         pin_memory=device.type == "cuda", persistent_workers=True)
@@ -108,8 +109,9 @@ def reference_loop(paths: list[Path], batch_size: int, steps: int, device: torch
 
 def facevae_loop(cache: Path, run_dir: Path, batch_size: int, device: str, precision: str) -> tuple[float, str]:
     """facevae's own training loop: two epochs over the cache, the second one (warm) timed by the loop itself."""
-    config = Config(data=str(cache), batch_size=batch_size, epochs=2, device=device, precision=precision,
-                    log_every=10_000, image_every=2, image_count=8).validate()
+    config = Config(data=str(cache), image_size=64, channels=3, likelihood="gaussian", batch_size=batch_size,
+                    epochs=2, device=device, precision=precision, log_every=10_000, image_every=2,
+                    image_count=8).validate()
     train(config, run_dir, progress=False)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epoch2 = [r for r in records if r["kind"] == "epoch"][-1]
@@ -120,7 +122,7 @@ def bare_loop(images: np.ndarray, batch_size: int, device: torch.device, precisi
     """Images per second of the barest loop of facevae's network, batch, precision, memory format and fused Adam:
     the batches (N, 3, 64, 64) are already float on the device; forward, backward, step, nothing else."""
     torch.manual_seed(0)
-    config = Config(batch_size=batch_size).validate()
+    config = Config(image_size=64, channels=3, likelihood="gaussian", batch_size=batch_size).validate()
     vae = VAE(config).to(device).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate, fused=True)
     x_all = torch.from_numpy(images).to(device).float().div(255).contiguous(memory_format=torch.channels_last)

@@ -174,10 +174,10 @@ def test_prepare_bad_sizes_are_one_line(argv, capsys):
 
 def test_the_deck_split_does_not_move_with_the_training_seed(tmp_path):
     from facevae.config import Config
-    from facevae.data import default_cache_path
+    from facevae.data import default_cache_path, with_data_shape
     from facevae.data.cache import Settings
 
-    base = Config(data="celeba:/data/celeba", split_scheme="deck")
+    base = with_data_shape(Config(data="celeba:/data/celeba", split_scheme="deck"))
     paths = {default_cache_path(c.data, Settings(size=c.image_size, crop=c.crop, scheme=c.split_scheme,
                                                  seed=c.split_seed))
              for c in (base, base.updated({"seed": 7}))}

@@ -37,7 +37,7 @@ def runs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("compare")
     out = [make_run(root / "gauss"), make_run(root / "bern", likelihood="bernoulli")]
     for run in out:
-        evaluate_run(run, iw_samples=3, limit=6)
+        evaluate_run(run, iw_samples=3)  # a full evaluation of the test split (20 images) writes eval.json
     return out
 
 
@@ -108,7 +108,7 @@ def test_run_without_eval_json_is_one_line_and_exit_2(runs, tmp_path, capsys):
 
 def test_runs_of_different_size_are_one_line_and_exit_2(runs, tmp_path, capsys):
     small = make_run(tmp_path / "small", image_size=16)
-    evaluate_run(small, limit=2)
+    evaluate_run(small)
     capsys.readouterr()  # the evaluation's progress bar
     assert main(["compare", str(runs[0]), str(small), "--out", str(tmp_path / "c.png")]) == 2
     err = _one_line_error(capsys)

@@ -391,7 +391,40 @@ def test_evaluate_run_is_seeded_and_notes_missing_fid(run_dir):
     assert "fid_recon" not in first and "--fid-weights" in first["fid_note"] and "facevae[fid]" in first["fid_note"]
     assert first["settings"]["device"] == "cpu"
     assert first["settings"]["precision"] == resolve_precision(load_run(run_dir).config.precision, torch.device("cpu"))
-    assert json.loads((run_dir / "eval.json").read_text())["nll_iw_nats"] == second["nll_iw_nats"]
+
+
+def test_only_a_full_evaluation_of_the_test_split_writes_eval_json(run_dir, capsys):
+    eval_json = run_dir / "eval.json"
+    full = evaluate_run(run_dir, iw_samples=2)
+    assert json.loads(eval_json.read_text())["nll_iw_nats"] == full["nll_iw_nats"] and full["images"] == 20
+    kept = eval_json.read_bytes()
+    for argv in (["--limit", "5"], ["--split", "train"], ["--split", "test", "--limit", "20"]):
+        assert main(["evaluate", str(run_dir), *argv]) == 0
+        assert eval_json.read_bytes() == kept, argv  # a partial evaluation leaves compare's figures alone
+        assert "eval.json left as it was" in capsys.readouterr().err
+    assert main(["evaluate", str(run_dir), "--iw-samples", "3"]) == 0
+    assert json.loads(eval_json.read_text())["iw_samples"] == 3 and "wrote" in capsys.readouterr().err
+
+
+def test_evaluating_an_unfinished_run_says_so(run_dir, tmp_path, capsys):
+    from facevae.checkpoint import model_bytes
+    from facevae.compare import markdown_table
+
+    vae = load_run(run_dir)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    progress = {"step": 10, "epoch": 0, "epochs": 1000, "finished": False}
+    save_model(vae, unfinished / "model.safetensors", data=model_bytes(vae, training=progress))
+    assert main(["evaluate", str(unfinished), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["training"] == progress
+    assert json.loads((unfinished / "eval.json").read_text())["training"] == progress
+    assert "training is unfinished (epoch 0 of 1000, step 10)" in out.err
+    done = {**json.loads((unfinished / "eval.json").read_text()), "training": {**progress, "epoch": 1000,
+                                                                              "finished": True}}
+    table = markdown_table(["early", "done"], [json.loads((unfinished / "eval.json").read_text()), done])
+    assert "| trained | epoch 0 / 1000 (unfinished, step 10) | epoch 1000 / 1000 |" in table
+    assert "Note: early: training unfinished" in table and "done: training" not in table
 
 
 def test_evaluate_run_reports_fid_with_a_feature_network(run_dir, tmp_path, monkeypatch, capsys):

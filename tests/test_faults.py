@@ -111,8 +111,12 @@ def test_sigint_checkpoints_and_says_how_to_resume(reference, tmp_path):
     assert "stopped by SIGINT" in err and f"facevae train --out {out}" in err
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert 0 < state["batch"] < 10 or state["epoch"] > 0  # stopped inside an epoch, position recorded
+    training = ckpt.read_training(out / "model.safetensors")  # the stopped run's model says it is unfinished
+    assert training == {"step": state["step"], "epoch": state["epoch"], "epochs": training["epochs"],
+                        "finished": False} and training["epochs"] > state["epoch"]
     _run(out)
     _assert_identical(reference, out)
+    assert ckpt.read_training(out / "model.safetensors")["finished"] is True
 
 
 def test_second_sigint_exits_at_once_and_keeps_the_checkpoint(reference, tmp_path):

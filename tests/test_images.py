@@ -71,3 +71,39 @@ def test_labelled_grid_places_upscaled_tiles_under_their_captions():
         x = corners[0, k][1]
         assert dark[:top, x:x + 64].any()
     assert (img[corners[1, 1][0]:, corners[0, 2][1]:] == 255).all()  # the short row ends in white
+
+
+def test_tiles_are_at_least_64_pixels_unless_a_scale_is_given():
+    from facevae.images import tile_scale
+
+    assert [tile_scale(side) for side in (25, 32, 64, 128)] == [3, 2, 1, 1]
+    assert tile_scale(32, 5) == 5
+    img = grid(torch.rand(4, 1, 32, 32), columns=4, scale=3)
+    assert img.size == ((4 * 34 + 2) * 3, 36 * 3)
+
+
+def test_captions_name_each_row_and_leave_the_faces_untouched():
+    from facevae.images import captioned, pair_labels, reconstruction_picture
+
+    real = torch.randint(0, 256, (10, 1, 32, 32), dtype=torch.uint8)
+    recon = torch.rand(10, 1, 32, 32)
+    plain = np.asarray(grid(pairs(real, recon, columns=8), columns=8))
+    labelled = np.asarray(reconstruction_picture(real, recon, title="epoch 7: faces"))
+    assert pair_labels(10) == ["real", "reconstruction"] * 2
+    rows, (height, width) = 4, plain.shape
+    top, left = labelled.shape[0] - height, labelled.shape[1] - width
+    assert top > 0 and left > 0  # a title line above, a caption column on the left
+    assert np.array_equal(labelled[top:, left:], plain)  # the grid itself, pixel for pixel
+    assert (labelled[:top] < 128).any()  # the title is written
+    band = height // rows
+    for r in range(rows):  # every row has its caption, in dark text on white
+        assert (labelled[top + r * band:top + (r + 1) * band, :left] < 128).any(), r
+    no_labels = np.asarray(captioned(grid(recon), [], rows=2, title=None))
+    assert no_labels.shape == np.asarray(grid(recon)).shape  # nothing to say: nothing added
+
+
+def test_rgb_captions_stay_rgb():
+    from facevae.images import sample_picture
+
+    picture = sample_picture(torch.rand(3, 3, 64, 64), title="samples")
+    assert picture.mode == "RGB" and picture.width == 3 * 66 + 2

@@ -7,6 +7,7 @@ import torch
 
 from facevae.checkpoint import load_model, save_model
 from facevae.config import Config
+from facevae.data import with_data_shape
 from facevae.distributions import LIKELIHOODS
 from facevae.model import VAE, network_summary
 
@@ -29,7 +30,7 @@ def test_shapes_for_each_size_and_channel_count(size, widths, channels):
 
 
 def test_default_network_is_the_decks():
-    config = Config().validate()
+    config = with_data_shape(Config(data="celeba:/nowhere").validate())  # CelebA: 64x64 RGB, nothing read
     assert (config.image_size, config.channels, config.widths, config.latent_dim) == (64, 3, [32, 64, 128, 256, 512], 128)
     vae = VAE(config)
     convs = [m for m in vae.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -69,6 +70,10 @@ def test_save_load_identical_outputs(tmp_path, tiny, likelihood):
 
 
 def test_summary_lists_layers_and_parameters():
-    text = network_summary(Config().validate())
+    text = network_summary(Config(image_size=64, channels=3, likelihood="gaussian").validate())
     assert "Conv2d" in text and "ConvTranspose2d" in text and "Total params" in text
     assert "[1, 3, 64, 64]" in text  # the decoder's output shape
+    mult_adds = [line for line in text.splitlines() if line.startswith("Total mult-adds")]
+    assert len(mult_adds) == 1 and "Units." not in mult_adds[0] and "MB" not in mult_adds[0]
+    count = int(mult_adds[0].split("(")[1].rstrip(")").replace(",", ""))  # "Total mult-adds: 52.43 M (52,428,800)"
+    assert mult_adds[0].startswith(f"Total mult-adds: {count / 1e6:.2f} M (")

@@ -39,9 +39,27 @@ def sha256(data: bytes) -> str:
 
 
 # ---------------------------------------------------------------- the model file
-def model_bytes(vae: VAE) -> bytes:
-    """The weights (unwrapped, on the CPU) as a safetensors file with the config in its metadata."""
-    return st_save(_cpu_state(vae), metadata=vae.metadata())
+def model_bytes(vae: VAE, *, training: dict[str, Any] | None = None) -> bytes:
+    """The weights (unwrapped, on the CPU) as a safetensors file with the config in its metadata, and `training`
+    (how far training had gone: step, epoch, epochs, finished) where given."""
+    metadata = vae.metadata()
+    if training is not None:
+        metadata["training"] = json.dumps(training)
+    return st_save(_cpu_state(vae), metadata=metadata)
+
+
+def read_training(path: str | Path) -> dict[str, Any] | None:
+    """How far training had gone when a model file was written ({"step", "epoch", "epochs", "finished"}), read from
+    its checked header alone; None for a file that does not record it (an older facevae's) or cannot be read."""
+    try:
+        _, metadata = read_header(Path(path))
+        training = json.loads(metadata["training"])
+    except (UserError, OSError, KeyError, TypeError, ValueError, RecursionError):
+        return None
+    keys = {"step": int, "epoch": int, "epochs": int, "finished": bool}  # a run may come from someone else: checked
+    if not isinstance(training, dict) or not all(isinstance(training.get(k), t) for k, t in keys.items()):
+        return None
+    return {k: training[k] for k in keys}
 
 
 def save_model(vae: VAE, path: Path, *, data: bytes | None = None) -> None:
@@ -158,7 +176,8 @@ def model_config(path: Path, metadata: dict[str, str]) -> Config:
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> VAE:
-    """A model from its weights file alone (the config is in its metadata), in eval mode.
+    """A model from its weights file alone (the config is in its metadata), ready for inference: eval mode, and no
+    parameter requires a gradient (so nothing it returns tracks one).
 
     The config is validated, the network's size bounded and the header's shapes compared with the network's
     (computed on the meta device) before anything is allocated or read.
@@ -170,7 +189,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> VAE:
     check_header(header, expected, path)
     vae = VAE(config)
     vae.load_state_dict(read_tensors(path, expected))
-    return vae.to(device).eval()
+    return vae.requires_grad_(False).to(device).eval()
 
 
 # ---------------------------------------------------------------- the resume checkpoint

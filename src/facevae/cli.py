@@ -1,6 +1,8 @@
 """The `facevae` command: subcommands mapped to functions. Parsing and printing only; the work lives elsewhere.
 
 User mistakes print one line on stderr and exit with status 2; `--json` prints one JSON object on stdout.
+Nothing here imports torch at module level: `--help` and argument errors answer at once, and each command imports
+the modules it needs inside its function.
 """
 
 from __future__ import annotations
@@ -19,8 +21,34 @@ if TYPE_CHECKING:
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors, and no prefix matching of long options (`--epoch` is not taken for `--epochs`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, exit status 2 (argparse prints the whole usage otherwise)
         raise UserError(f"{message} (see `{self.prog} --help`)")
+
+    def format_help(self) -> str:
+        """The help text; a description given as a function (one that needs torch) is made only now."""
+        if callable(self.description):
+            self.description = self.description()
+        return super().format_help()
+
+
+def _train_description() -> str:
+    from facevae.distributions import LIKELIHOODS  # imports torch: only when `facevae train --help` is asked for
+
+    return f"Train a VAE. Likelihoods (--set likelihood=NAME): {', '.join(LIKELIHOODS)}."
+
+
+def _size(text: str) -> int | str:
+    """--size: a number of pixels, or auto (the source's own size)."""
+    return text if text == "auto" else int(text)
+
+
+SCALE_HELP = "draw each face N times its size, nearest neighbour (default: at least 64 pixels wide)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,12 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _data_commands(sub: Any, d: "Config") -> None:
     """prepare and train."""
     from facevae.config import SPLIT_SCHEMES
-    from facevae.distributions import LIKELIHOODS
 
     s = sub.add_parser("prepare", help="decode and resize a data source once into a uint8 cache")
     s.add_argument("--data", default=d.data, help=f"lfw, celeba:PATH, folder:PATH or a prepared cache (default: "
                                                   f"{d.data})")
-    s.add_argument("--size", type=int, default=d.image_size, help=f"image side after resizing (default {d.image_size})")
+    s.add_argument("--size", type=_size, default=d.image_size,
+                   help=f"image side after resizing, or auto: the source's own (default {d.image_size}: lfw 32, "
+                        f"CelebA and folders 64)")
     s.add_argument("--crop", type=int, default=d.crop, help=f"CelebA center crop before resizing (default {d.crop})")
     s.add_argument("--split-scheme", "--split", dest="split_scheme", choices=SPLIT_SCHEMES, default=d.split_scheme,
                    help=f"how CelebA is split: official train/valid/test or the deck's 70/30 (the config key "
@@ -58,7 +87,7 @@ def _data_commands(sub: Any, d: "Config") -> None:
     s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     s = sub.add_parser("train", help="train a VAE (resumes when --out is an existing run)",
-                       description=f"Train a VAE. Likelihoods (--set likelihood=NAME): {', '.join(LIKELIHOODS)}.")
+                       description=_train_description)
     s.add_argument("--config", help="a TOML recipe, e.g. configs/lfw-faces.toml")
     s.add_argument("--data", help="data SPEC (overrides the config)")
     s.add_argument("--out", help="run directory (default: runs/<config name>)")
@@ -93,6 +122,7 @@ def _run_commands(sub: Any, d: "Config") -> None:
     s.add_argument("--out", default="compare.png", help="PNG file (default compare.png)")
     s.add_argument("--data", help="data SPEC (default: each run's config.toml)")
     s.add_argument("--force", action="store_true", help="replace --out even if facevae did not write it")
+    s.add_argument("--scale", type=int, help=SCALE_HELP)
 
     _add_sharing_commands(sub)
 
@@ -104,8 +134,7 @@ def _run_commands(sub: Any, d: "Config") -> None:
 
 def _making_commands(sub: Any) -> None:
     """sample, reconstruct, interpolate, traverse, attributes, edit, analogy: the commands that make faces."""
-    from facevae.faces import FACE_HELP
-    from facevae.latent import MODES
+    from facevae.vocabulary import FACE_HELP, MODES  # torch-free: the parser must not import torch
 
     s = sub.add_parser("sample", help="new faces from the prior, as a PNG grid")
     s.add_argument("run_dir")
@@ -113,6 +142,7 @@ def _making_commands(sub: Any) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the prior draws (default 0)")
     s.add_argument("--temperature", type=float, default=1.0,
                    help="scale of the prior's standard deviation: z ~ N(0, T^2 I) (default 1)")
+    s.add_argument("--scale", type=int, help=SCALE_HELP)
     _picture_options(s, "sample")
 
     s = sub.add_parser("reconstruct", help="real faces above their reconstructions, or your own (--image)")
@@ -121,6 +151,7 @@ def _making_commands(sub: Any) -> None:
     s.add_argument("--split", default="test", help="data split (default test)")
     s.add_argument("-n", type=int, default=32, help="number of faces (default 32)")
     s.add_argument("--data", help="data SPEC (default: the run's config.toml)")
+    s.add_argument("--scale", type=int, help=SCALE_HELP)
     _picture_options(s, "reconstruct")
 
     s = sub.add_parser("interpolate", help="a row of faces between the posterior means of faces A and B")
@@ -226,10 +257,17 @@ def _print_json(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, indent=None))
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from facevae.data import prepare
+def _scale(scale: int | None) -> int | None:
+    if scale is not None and not 1 <= scale <= 32:
+        raise UserError(f"--scale must be between 1 and 32, got {scale}")
+    return scale
 
-    path, manifest = prepare(args.data, size=args.size, crop=args.crop, scheme=args.split_scheme, seed=args.seed,
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from facevae.data import native_shape, prepare
+
+    size = native_shape(args.data)[1] if args.size == "auto" else args.size
+    path, manifest = prepare(args.data, size=size, crop=args.crop, scheme=args.split_scheme, seed=args.seed,
                              out=args.out, max_pixels=args.max_pixels, progress=True)
     result = {"path": str(path), "images": manifest["images"],
               "splits": {k: v for k, v in manifest["splits"].items() if v}, "skipped": manifest.get("skipped", []),
@@ -265,11 +303,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from facevae.evaluate import evaluate_run, format_report
+    from facevae.run import Run
 
     report = evaluate_run(args.run_dir, split=args.split, iw_samples=args.iw_samples, limit=args.limit,
                           batch_size=args.batch_size, device=args.device, fid_weights=args.fid_weights,
                           data=args.data, yes=args.yes)
     print(format_report(report), file=sys.stderr)
+    if Run.keeps_eval(args.split, args.limit):
+        print(f"wrote {Path(args.run_dir) / 'eval.json'}", file=sys.stderr)
+    else:
+        print("eval.json left as it was: only a full evaluation of the test split (no --limit) is written there",
+              file=sys.stderr)
     if args.json:
         _print_json(report)
     return 0
@@ -287,7 +331,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from facevae.making import sample_faces
 
     report = sample_faces(args.run_dir, n=args.n, temperature=args.temperature, seed=args.seed, out=args.out,
-                          force=args.force)
+                          force=args.force, scale=_scale(args.scale))
     return _report(args, report, f"{args.n} samples at temperature {args.temperature:g}")
 
 
@@ -299,7 +343,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                        "each face beside its reconstruction")
     from facevae.run import reconstruct_run
 
-    path = reconstruct_run(args.run_dir, split=args.split, n=args.n, out=args.out, data=args.data, force=args.force)
+    path = reconstruct_run(args.run_dir, split=args.split, n=args.n, out=args.out, data=args.data, force=args.force,
+                           scale=_scale(args.scale))
     print(f"wrote real faces, each row followed by the row of their reconstructions, to {path}", file=sys.stderr)
     if args.json:
         _print_json({"out": str(path), "split": args.split, "n": args.n})
@@ -353,7 +398,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from facevae.compare import compare_runs
 
     table, path = compare_runs(args.run_dirs, out=args.out, n=args.n, split=args.split, data=args.data,
-                               force=args.force)
+                               force=args.force, scale=_scale(args.scale))
     print(table, end="")
     print(f"wrote real faces (top row) and each run's reconstructions (one row per run) to {path}", file=sys.stderr)
     return 0
@@ -392,7 +437,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
         config = load_run(args.run_dir).config
     else:
+        from facevae.data import with_data_shape
+
         config = (Config.from_toml(args.config) if args.config else Config()).with_overrides(args.set).validate()
+        config = with_data_shape(config)
     print(network_summary(config))
     return 0
 

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from facevae.errors import UserError
 from facevae.fileio import check_output_file
-from facevae.images import grid, save_png
+from facevae.images import captioned, grid, save_png
 from facevae.model import VAE
 from facevae.pixels import to_float
 from facevae.run import Run, check_count
@@ -58,7 +57,15 @@ FID_ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("FID prior samples (lower is better)", lambda r: f"{r['fid_samples']:.2f}" if "fid_samples" in r else "n/a"),
     ("FID images", lambda r: str(r["fid_images"]) if "fid_images" in r else "n/a"),
 ]
+def _trained(r: dict[str, Any]) -> str:
+    t = r.get("training")
+    if not t:
+        return "not recorded"
+    return f"epoch {t['epoch']} / {t['epochs']}" + ("" if t.get("finished") else f" (unfinished, step {t['step']})")
+
+
 DATA_ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("trained", _trained),
     ("evaluated on", lambda r: f"{r.get('images', '?')} images of '{r.get('split', '?')}'"),
 ]
 
@@ -89,6 +96,10 @@ def markdown_table(labels: list[str], reports: list[dict[str, Any]], *, stale: S
     for name, cell in rows:
         lines.append(f"| {name} | " + " | ".join(str(cell(r)).replace("|", "\\|") for r in reports) + " |")
     notes = []
+    unfinished = [lab for lab, r in zip(labels, reports) if not (r.get("training") or {}).get("finished")]
+    if unfinished:
+        notes.append(f"{', '.join(unfinished)}: training unfinished (or not recorded): the figures describe a "
+                     f"partly trained model")
     if stale:
         notes.append(f"{', '.join(stale)}: the model is newer than eval.json; run `facevae evaluate` again")
     unnormalised = [lab for lab, r in zip(labels, reports) if r.get("elbo_bpd") is None]
@@ -111,26 +122,9 @@ def comparison_rows(vaes: list[VAE], real: torch.Tensor) -> torch.Tensor:
     return torch.cat([x] + [vae.reconstruct(x).cpu() for vae in vaes])
 
 
-def labelled_grid(rows: torch.Tensor, labels: list[str], *, columns: int) -> Image.Image:
-    """A grid of `len(labels)` rows of `columns` images, each row labelled on its left."""
-    picture = grid(rows, columns=columns)
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(picture)
-    margin = 8 + max(int(probe.textlength(label, font=font)) for label in labels)
-    canvas = Image.new(picture.mode, (picture.width + margin, picture.height), 255 if picture.mode == "L" else
-                       (255, 255, 255))
-    canvas.paste(picture, (margin, 0))
-    draw = ImageDraw.Draw(canvas)
-    row_height = picture.height / len(labels)
-    black = 0 if picture.mode == "L" else (0, 0, 0)
-    for i, label in enumerate(labels):
-        _, top, _, bottom = draw.textbbox((0, 0), label, font=font)
-        draw.text((4, int((i + 0.5) * row_height - (bottom - top) / 2 - top)), label, fill=black, font=font)
-    return canvas
-
-
 def compare_runs(runs: Sequence[Run | str | Path], *, out: str | Path = "compare.png", n: int = 8,
-                 split: str = "test", data: str | None = None, force: bool = False) -> tuple[str, Path]:
+                 split: str = "test", data: str | None = None, force: bool = False,
+                 scale: int | None = None) -> tuple[str, Path]:
     """The runs' eval.json side by side as Markdown, and a PNG of the first n images of `split` above each run's
     reconstructions of them; return (table, png path). Runs must share data, image size and channels; the data
     comes from the runs' config.toml (or `data`); `out` replaces only a PNG facevae wrote, unless `force`."""
@@ -153,5 +147,6 @@ def compare_runs(runs: Sequence[Run | str | Path], *, out: str | Path = "compare
     real = runs[0].data(vaes[0].config, split)[:n]  # (n, C, H, W) uint8, only these n read
     if len(real) == 0:
         raise UserError(f"the '{split}' split has no images")
-    picture = labelled_grid(comparison_rows(vaes, real), ["real"] + labels, columns=len(real))
+    picture = captioned(grid(comparison_rows(vaes, real), columns=len(real), scale=scale), ["real"] + labels,
+                        title=f"{len(real)} '{split}' faces and each run's reconstructions")
     return table, save_png(picture, out)

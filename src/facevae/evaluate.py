@@ -191,7 +191,8 @@ def _likelihood_figures(v: dict[str, torch.Tensor], n: int, iw_samples: int) -> 
 def evaluate_run(run: Run | str | Path, *, split: str = "test", iw_samples: int = 1, limit: int | None = None,
                  batch_size: int | None = None, device: str | None = None, fid_weights: str | Path | None = None,
                  seed: int = 0, data: str | None = None, yes: bool = False) -> dict[str, Any]:
-    """Evaluate a run's model on a split of its data; write RUN_DIR/eval.json and return the report.
+    """Evaluate a run's model on a split of its data and return the report; a full evaluation of the test split (no
+    limit) is also written to RUN_DIR/eval.json, the figures `facevae compare` reads (Run.keeps_eval).
 
     Device, precision, memory layout and threads are the run's config choices, as in training (torch.compile is
     not used: evaluation batch shapes vary); `device` overrides the device. The random draws are seeded, so the same
@@ -232,11 +233,13 @@ def evaluate_run(run: Run | str | Path, *, split: str = "test", iw_samples: int 
             report["fid_weights_sha256"] = fid.file_sha256(fid_weights)
         else:
             report["fid_note"] = fid_note
-    report.update(split=split, facevae_version=__version__, data=_data_entry(config, images.manifest),
+    report.update(split=split, training=run.training(), facevae_version=__version__,
+                  data=_data_entry(config, images.manifest),
                   settings={"iw_samples": iw_samples, "limit": limit, "batch_size": batch_size, "device": str(dev),
                             "precision": precision, "channels_last": config.channels_last, "seed": seed,
                             "fid_weights": str(Path(fid_weights).resolve()) if fid_weights else None})
-    run.write_eval(report)
+    if Run.keeps_eval(split, limit):
+        run.write_eval(report)
     return report
 
 
@@ -255,6 +258,16 @@ def _data_entry(config: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     return {"spec": config.data, "source": manifest.get("source"), "size": manifest.get("size"),
             "crop": manifest.get("crop"), "split_scheme": manifest.get("split"),
             "manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()}
+
+
+def training_note(training: dict[str, Any] | None) -> str | None:
+    """A warning when the evaluated model's training was unfinished (or not recorded), else None."""
+    if training is None:
+        return "the model file does not say how far training went (written by an older facevae)"
+    if training.get("finished"):
+        return None
+    return (f"training is unfinished (epoch {training['epoch']} of {training['epochs']}, step {training['step']}): "
+            f"these figures describe a partly trained model")
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -289,6 +302,9 @@ def format_report(r: dict[str, Any]) -> str:
     width = max(len(a) for a, _, _ in rows)
     head = f"{r['likelihood']} likelihood, {r['images']} images of split '{r.get('split', '?')}', D = {r['dims']}"
     lines = [head] + [f"  {a:<{width}}  {b:<28} {c}".rstrip() for a, b, c in rows]
+    note = training_note(r.get("training"))
+    if note:
+        lines.append(f"  Note: {note}.")
     if r.get("fid_note"):
         lines.append(f"  {r['fid_note']}")
     return "\n".join(lines)

@@ -26,8 +26,8 @@ from facevae.errors import UserError
 from facevae.latent import latent_grid, latent_path
 from facevae.model import VAE
 from facevae.pixels import to_float
+from facevae.vocabulary import FACE_HELP
 
-FACE_HELP = "an image file (any size) or test:N / train:N (image N of that split of the run's data)"
 _DATA_FACE = re.compile(rf"^({'|'.join(SPLIT_NAMES)}):(\d+)$")
 
 

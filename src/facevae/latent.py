@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from facevae.errors import UserError
+from facevae.vocabulary import MODES
 
-MODES = ("slerp", "lerp")
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

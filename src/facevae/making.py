@@ -168,15 +168,15 @@ def edit_face(run: str | Path | Run, image: str, amounts: dict[str, float], *, s
 
 
 def sample_faces(run: str | Path | Run, *, n: int = 64, temperature: float = 1.0, seed: int = 0,
-                 out: str | Path | None = None,
-                 force: bool = False) -> dict[str, Any]:
-    """n faces from the prior scaled by the temperature: z ~ N(0, T^2 I), in rows of 8."""
+                 out: str | Path | None = None, force: bool = False, scale: int | None = None) -> dict[str, Any]:
+    """n faces from the prior scaled by the temperature: z ~ N(0, T^2 I), in rows of 8; `scale`: the
+    nearest-neighbour factor (default: faces at least 64 pixels wide)."""
     check_count(n)
     run = Run(run)
     target = _out(run, "sample", out, force)
     faces = prior_faces(run.load_model(), n, seed=seed, temperature=temperature)  # uint8 (n, C, S, S)
-    picture = labelled_grid(list(faces.split(8)), title=f"{n} faces from the prior, temperature {temperature:g}, "
-                                                         f"seed {seed}")
+    picture = labelled_grid(list(faces.split(8)), scale=scale,
+                            title=f"{run.title()}: {n} faces from the prior, temperature {temperature:g}, seed {seed}")
     return {"out": str(save_png(picture, target)), "n": n, "temperature": temperature,
             "seed": seed}
 

@@ -103,6 +103,9 @@ class VAE(nn.Module):
 
     def __init__(self, config: Config):
         super().__init__()
+        if not config.shape_known:
+            raise ValueError("VAE needs numbers for channels and image_size, not 'auto': pass the config through "
+                             "facevae.data.with_data_shape first")
         self.config = c = config
         self.likelihood_type = LIKELIHOODS[c.likelihood]
         self.encoder = Encoder(c.channels, c.widths, c.image_size, c.latent_dim)
@@ -186,5 +189,16 @@ def network_summary(config: Config) -> str:
     shape = (1, config.channels, config.image_size, config.image_size)
     stats = summary(net, input_size=shape, depth=4, col_names=("output_size", "num_params", "mult_adds"),
                     verbose=0, device="cpu")
+    # torchinfo labels its mult-add total with a byte unit ("Units.MEGABYTES"): write that line ourselves.
+    lines = [f"Total mult-adds: {_si(stats.total_mult_adds)} ({stats.total_mult_adds:,})"
+             if line.startswith("Total mult-adds") else line for line in str(stats).splitlines()]
     return f"facevae VAE: {config.image_size}x{config.image_size}x{config.channels}, latent {config.latent_dim}, " \
-           f"likelihood {config.likelihood}\n{stats}"
+           f"likelihood {config.likelihood}\n" + "\n".join(lines)
+
+
+def _si(count: int) -> str:
+    """A count with an SI prefix: 27597312 -> '27.60 M'."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= factor:
+            return f"{count / factor:.2f} {prefix}"
+    return str(count)

@@ -17,18 +17,19 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import facevae.checkpoint as ckpt
-from facevae.config import MAX_SEED, Config
-from facevae.data import NO_DATA, SplitView, checked_cache, split_view
+from facevae.config import MAX_SEED, Config, toml_value
+from facevae.data import NO_DATA, SplitView, checked_cache, split_view, with_data_shape
 from facevae.errors import UserError
 from facevae.fileio import (LOCK, MARKER, DirLock, atomic_write, check_output_dir, check_output_file, is_png,
                             mark_dir, marker_kind)
-from facevae.images import MAX_GRID_IMAGES, grid, pairs, save_png
+from facevae.images import MAX_GRID_IMAGES, reconstruction_picture, sample_picture, save_png
 from facevae.model import VAE
 from facevae.pixels import to_float, to_uint8
 
@@ -98,21 +99,27 @@ class Run:
     def resolve_config(self, base: Config | None, overrides: list[str]) -> Config:
         """The run's config: defaults < config file (else the run's saved config.toml when resuming) < overrides.
 
-        A run that has a checkpoint keeps its network: changing an architecture key is refused; a checkpoint whose
-        config.toml is gone needs --config. A folder that is not a run is refused before anything in it is read.
+        "auto" channels and image_size become the data's. A run that has a checkpoint keeps its network: changing an
+        architecture key is refused (any other change, a learning rate or more epochs, is allowed and said on stderr);
+        a checkpoint whose config.toml is gone needs --config. A folder that is not a run is refused before anything in
+        it is read.
         """
         self.check_writable()
         saved = Config.from_toml(self.config_file) if self.config_file.exists() else None
         if saved is None and base is None and ckpt.has_checkpoint(self.path):
             raise UserError(f"{self} has a checkpoint but no config.toml to say what network it holds; restore its "
                             f"config.toml, or give the recipe it was trained with (--config FILE)")
-        config = (base or saved or Config()).with_overrides(overrides).validate()
+        config = with_data_shape((base or saved or Config()).with_overrides(overrides).validate())
         if saved is not None and ckpt.has_checkpoint(self.path):
             changed = [k for k in ARCHITECTURE_KEYS if getattr(config, k) != getattr(saved, k)]
             if changed:
                 raise UserError(f"{self} was trained with other {', '.join(changed)} "
                                 f"({', '.join(f'{k} = {getattr(saved, k)}' for k in changed)}); "
                                 f"use a new --out to train a different network")
+            changes = [f"{k} {toml_value(v)} -> {toml_value(getattr(config, k))}"
+                       for k, v in saved.to_dict().items() if getattr(config, k) != v]
+            if changes and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it
+                print(f"resuming {self} with changed settings: {', '.join(changes)}", file=sys.stderr)
         return config
 
     def write_config(self, config: Config) -> None:
@@ -153,8 +160,28 @@ class Run:
         return split_view(checked_cache(config), split)
 
     # ------------------------------------------------------------ eval.json
+    @staticmethod
+    def keeps_eval(split: str, limit: int | None) -> bool:
+        """Whether an evaluation belongs in eval.json: only a full evaluation of the test split does, so that a
+        partial one (--limit, another split) never replaces the figures `facevae compare` reads."""
+        return split == "test" and limit is None
+
     def write_eval(self, report: dict[str, Any]) -> None:
         atomic_write(self.eval_file, json.dumps(report, indent=2) + "\n")
+
+    def training(self) -> dict[str, Any] | None:
+        """How far training had gone when the model file was written: {"step", "epoch", "epochs", "finished"}
+        (None for a model file that does not record it)."""
+        return ckpt.read_training(self.model_file)
+
+    def title(self) -> str:
+        """The run's name and how far it was trained, for pictures: "lfw-faces, epoch 200",
+        "x, epoch 3 of 10 (unfinished)"."""
+        training = self.training()
+        if training is None:
+            return self.path.resolve().name
+        unfinished = "" if training["finished"] else f" of {training['epochs']} (unfinished)"
+        return f"{self.path.resolve().name}, epoch {training['epoch']}{unfinished}"
 
     def read_eval(self) -> dict[str, Any]:
         """eval.json; a UserError telling to run `facevae evaluate` when it is missing or unreadable."""
@@ -192,7 +219,8 @@ class Run:
 
 
 def load_run(run_dir: str | Path | Run, *, device: str | torch.device = "cpu") -> VAE:
-    """The trained model of a run directory, in eval mode, on `device` (CPU unless given)."""
+    """The trained model of a run directory, ready for inference (eval mode, no gradients), on `device` (CPU unless
+    given)."""
     return Run(run_dir).load_model(device=device)
 
 
@@ -216,17 +244,24 @@ def prior_faces(vae: VAE, n: int, *, seed: int, temperature: float = 1.0) -> tor
 
 
 def reconstruct_run(run: str | Path | Run, *, split: str = "test", n: int = 32, out: str | Path | None = None,
-                    data: str | None = None, force: bool = False) -> Path:
-    """The first n images of a split (upper rows) above their reconstructions (lower rows) as a PNG grid; the data
-    from the run's config.toml (or `data`); `out` replaces only a picture facevae wrote, unless `force`."""
+                    data: str | None = None, force: bool = False, scale: int | None = None) -> Path:
+    """The first n images of a split (upper rows) above their reconstructions (lower rows) as a captioned PNG grid
+    (a split with fewer than n images gives all it has, and says so on stderr); the data from the run's config.toml
+    (or `data`); `out` replaces only a picture facevae wrote, unless `force`."""
     check_count(n)
     run = Run(run)
     out = run.picture_out(out, "reconstruct.png", force=force)
     vae = run.load_model(data=data)
-    real = run.data(vae.config, split)[:n]  # only these n images are read
+    view = run.data(vae.config, split)
+    if len(view) < n:
+        print(f"facevae: the '{split}' split has {len(view)} images: drawing {len(view)}, not {n}", file=sys.stderr)
+    real = view[:n]  # only these n images are read
+    if len(real) == 0:
+        raise UserError(f"the '{split}' split has no images")
     rec = torch.cat([to_uint8(vae.reconstruct(to_float(real[i:i + DECODE_BATCH])))
                      for i in range(0, len(real), DECODE_BATCH)])
-    return save_png(grid(pairs(real, rec)), out)
+    title = f"{run.title()}: {len(real)} '{split}' faces and their reconstructions"
+    return save_png(reconstruction_picture(real, rec, title=title, scale=scale), out)
 
 
 @torch.no_grad()
@@ -240,5 +275,8 @@ def save_epoch_pictures(run: Run, vae: VAE, real: torch.Tensor, epoch: int, *, s
     device = next(vae.parameters()).device
     rec = vae.reconstruct(to_float(real, device))
     samples = vae.sample(count, generator=torch.Generator().manual_seed(seed))
-    for name, img in (("reconstructions", grid(pairs(real, rec))), ("samples", grid(samples))):
+    pictures = (("reconstructions", reconstruction_picture(real, rec, title=f"epoch {epoch}: real faces and their "
+                                                                            f"reconstructions")),
+                ("samples", sample_picture(samples, title=f"epoch {epoch}: faces drawn from the prior")))
+    for name, img in pictures:
         save_png(img, run.picture(f"{name}_e{epoch:03d}.png"), run.picture(f"{name}.png"))

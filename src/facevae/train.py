@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import facevae.checkpoint as ckpt
 from facevae.config import Config
-from facevae.data import SplitView, checked_cache, split_view
+from facevae.data import SplitView, checked_cache, split_view, with_data_shape
 from facevae.device import autocast, eval_batch_size, setup
 from facevae.distributed import World, sync_batchnorm
 from facevae.errors import Interrupted, UserError, first_line
@@ -76,6 +76,12 @@ class TrainState:
         state = cls(global_batch, **{k: saved[k] for k in names if k in saved})
         state.batch = state.batch * saved.get("global_batch", global_batch) // global_batch
         return state
+
+    def progress(self, config: Config) -> dict[str, Any]:
+        """How far training has gone, for the model file: steps, whole epochs done, and whether the run is finished
+        (all its epochs, or max_steps reached)."""
+        finished = self.epoch >= config.epochs or bool(config.max_steps and self.step >= config.max_steps)
+        return {"step": self.step, "epoch": self.epoch, "epochs": config.epochs, "finished": finished}
 
     def start_epoch(self) -> None:
         """Clear what counts within an epoch (after the epoch's record was taken)."""
@@ -206,7 +212,7 @@ class MetricsLog:
 
 def train(config: Config, run_dir: str | Path | Run, *, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) the run in `run_dir`; return the last record (kind "epoch", or "max_steps")."""
-    config.validate()
+    config = with_data_shape(config.validate())
     expected_state(config)  # the network's size is bounded before anything is built
     run = Run(run_dir)
     run.check_writable()  # before anything is read or written: a folder that is not a run is refused
@@ -308,7 +314,11 @@ class Trainer:
             self.say(f"{self.run} has already trained {s.epoch} epoch(s) (epochs = {c.epochs}); "
                      f"raise --epochs to train further")
         record = self._record("epoch")
-        with GracefulStop() as stop:
+        # One bar for the whole run (its estimate of the time left is the run's); epoch lines every image_every.
+        total = c.epochs * self.steps_per_epoch
+        self.bar = tqdm(total=total, initial=min(s.epoch * self.steps_per_epoch + s.batch, total), unit="batch",
+                        disable=not self.progress or s.epoch >= c.epochs, file=sys.stderr, dynamic_ncols=True)
+        with GracefulStop() as stop, self.bar:
             for epoch in range(s.epoch, c.epochs):
                 if not self._epoch(epoch, stop):
                     return self._record("max_steps")
@@ -323,30 +333,28 @@ class Trainer:
         order = epoch_order(self.n, seed=c.seed, epoch=epoch).to(self.device)
         self.meter = Meter(s, self.device)
         self.clock = time.perf_counter() - s.seconds
-        bar = tqdm(total=self.steps_per_epoch, initial=s.batch, desc=f"epoch {epoch + 1}/{c.epochs}", unit="batch",
-                   disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
-        with contextlib.closing(bar):
-            for b in range(s.batch, self.steps_per_epoch):
-                x, eps, images = self._batch(order, b)
-                kl_weight = c.kl_weight * _warmup(s.step, c.kl_warmup_steps)
-                terms, ok = self.guarded_step(x, eps, kl_weight)
-                self.meter.add(terms, x, ok)
-                s.step, s.seen, s.batch = s.step + 1, s.seen + images, b + 1
-                bar.update(1)
-                # One process stops at the step the signal arrives; several agree at their next log step (the
-                # agreement is a host sync, kept out of the other steps).
-                stopping = stop.requested is not None and self.world.size == 1
-                if s.step % c.log_every == 0:
-                    stopping = self._log_step(epoch, kl_weight, stop, bar)
-                at_max = bool(c.max_steps) and s.step >= c.max_steps
-                if stopping or at_max or (c.checkpoint_every and s.step % c.checkpoint_every == 0):
-                    self._sync()
-                    self._save_checkpoint(with_model=stopping or at_max)  # a stopped run's model is its latest
-                if stopping:
-                    self._stop(stop)
-                if at_max:
-                    self.say(f"reached max_steps = {c.max_steps}; checkpoint saved in {self.run}")
-                    return False
+        self.bar.set_description(f"epoch {epoch + 1}/{c.epochs}")
+        for b in range(s.batch, self.steps_per_epoch):
+            x, eps, images = self._batch(order, b)
+            kl_weight = c.kl_weight * _warmup(s.step, c.kl_warmup_steps)
+            terms, ok = self.guarded_step(x, eps, kl_weight)
+            self.meter.add(terms, x, ok)
+            s.step, s.seen, s.batch = s.step + 1, s.seen + images, b + 1
+            self.bar.update(1)
+            # One process stops at the step the signal arrives; several agree at their next log step (the
+            # agreement is a host sync, kept out of the other steps).
+            stopping = stop.requested is not None and self.world.size == 1
+            if s.step % c.log_every == 0:
+                stopping = self._log_step(epoch, kl_weight, stop)
+            at_max = bool(c.max_steps) and s.step >= c.max_steps
+            if stopping or at_max or (c.checkpoint_every and s.step % c.checkpoint_every == 0):
+                self._sync()
+                self._save_checkpoint(with_model=stopping or at_max)  # a stopped run's model is its latest
+            if stopping:
+                self._stop(stop)
+            if at_max:
+                self.say(f"reached max_steps = {c.max_steps}; checkpoint saved in {self.run}")
+                return False
         return True
 
     def _batch(self, order: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -395,7 +403,7 @@ class Trainer:
             raise UserError(f"the loss or its gradient was not finite for {s.bad_steps} steps in a row (up to step "
                             f"{s.step}); lower learning_rate or check the data; {where}")
 
-    def _log_step(self, epoch: int, kl_weight: float, stop: GracefulStop, bar: tqdm) -> bool:
+    def _log_step(self, epoch: int, kl_weight: float, stop: GracefulStop) -> bool:
         """Write a step record; return whether any process was asked to stop."""
         s = self.state
         self._sync()
@@ -405,7 +413,7 @@ class Trainer:
                         **{f"train_{k}": v for k, v in means.items()}, "kl_weight": kl_weight,
                         "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": s.skipped,
                         "img_per_s": s.seen / (time.perf_counter() - self.clock)})
-        bar.set_postfix(loss=f"{means['loss']:.1f}", psnr_sampled=f"{means['psnr_sampled']:.2f}dB")
+        self.bar.set_postfix(loss=f"{means['loss']:.1f}", psnr_sampled=f"{means['psnr_sampled']:.2f}dB")
         return stopping
 
     def _stop(self, stop: GracefulStop) -> None:
@@ -419,7 +427,7 @@ class Trainer:
         if not self.world.is_main:
             return
         try:
-            weights = ckpt.model_bytes(self.vae)
+            weights = ckpt.model_bytes(self.vae, training=self.state.progress(self.config))
             if with_model:
                 ckpt.save_model(self.vae, self.run.model_file, data=weights)
             ckpt.save_checkpoint(self.run.path, self.vae, self.optimizer,
@@ -523,5 +531,5 @@ def _epoch_line(r: dict[str, Any]) -> str:
 
 
 def _say(message: str) -> None:
-    """A line for the person at the terminal, on stderr (stdout is kept for --json)."""
-    print(message, file=sys.stderr)
+    """A line for the person at the terminal, on stderr (stdout is kept for --json), above the progress bar."""
+    tqdm.write(message, file=sys.stderr)

@@ -182,8 +182,28 @@ def open_dataset(spec: str = "lfw", split: str = "test", *, size: int = 64, crop
     return split_view(load_cache(path), split)
 
 
+def native_shape(spec: str) -> tuple[int, int]:
+    """The (channels, image side) of a data source as it comes: a prepared cache's own, else its source's
+    NATIVE_SHAPE. Nothing is prepared."""
+    kind, path = parse_spec(spec)
+    if kind == "cache":
+        _, channels, size, _ = load_cache(path).images.shape
+        return int(channels), int(size)
+    return SOURCES[kind].NATIVE_SHAPE
+
+
+def with_data_shape(config: "Config") -> "Config":
+    """The config with "auto" channels and image_size replaced by the data's own (see native_shape)."""
+    if config.shape_known:
+        return config
+    channels, size = native_shape(config.data)
+    auto = {"channels": channels, "image_size": size}
+    return config.updated({k: v for k, v in auto.items() if getattr(config, k) == "auto"}).validate()
+
+
 def checked_cache(config: "Config", *, progress: bool = True) -> Cache:
     """The cache of the data a config names, prepared on first use, checked against it."""
+    config = with_data_shape(config)
     path, _ = prepare(config.data, size=config.image_size, crop=config.crop, scheme=config.split_scheme,
                       seed=config.split_seed, progress=progress)
     cache = load_cache(path)

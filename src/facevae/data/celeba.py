@@ -30,6 +30,7 @@ LISTS = {  # layout -> (partition list, attribute list)
 }
 WIDTH, HEIGHT = 178, 218  # CelebA's aligned images
 CELEBA_IMAGES = 202_599
+NATIVE_SHAPE = (3, 64)  # (channels, side) when a config says "auto": RGB at `facevae prepare`'s default size
 DECK_TEST = 60_780  # the deck's test images out of CELEBA_IMAGES (its train set is the other 141,819)
 SPLITS = ("official", "deck")
 PARTITION_SPLITS = ("train", "valid", "test")  # what list_eval_partition's codes 0, 1, 2 mean

@@ -15,6 +15,7 @@ from facevae.data.decode import IMAGE_EXTENSIONS, RESAMPLE_NAME, decode_all, job
 from facevae.errors import UserError
 
 FOLDER_SPLIT_SEED = 0
+NATIVE_SHAPE = (3, 64)  # (channels, side) when a config says "auto": RGB at `facevae prepare`'s default size
 FOLDER_TEST_PERCENT = 10  # of the usable images, rounded half up
 
 

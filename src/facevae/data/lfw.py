@@ -13,6 +13,9 @@ from facevae.data.cache import CacheWriter, Settings, seeded_split
 LFW_FACES = 100  # lfw_subset() holds 100 faces followed by 100 non-faces; only the faces are used
 LFW_TEST = 20  # a fixed 80 / 20 train / test split
 LFW_SPLIT_SEED = 0
+# (channels, side) when a config says "auto": grey, and the 25 px faces resized to 32, the smallest side the default
+# networks take
+NATIVE_SHAPE = (1, 32)
 
 
 def cache_name(path: str | None, s: Settings) -> str:
