@@ -415,6 +415,7 @@ def test_evaluating_an_unfinished_run_says_so(run_dir, tmp_path, capsys):
     unfinished.mkdir()
     progress = {"step": 10, "epoch": 0, "epochs": 1000, "finished": False}
     save_model(vae, unfinished / "model.safetensors", data=model_bytes(vae, training=progress))
+    (unfinished / "config.toml").write_text(vae.config.to_toml())
     assert main(["evaluate", str(unfinished), "--json"]) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["training"] == progress

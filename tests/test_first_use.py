@@ -73,7 +73,7 @@ def test_resuming_with_changed_settings_says_what_changed(first_run, tmp_path, c
     capsys.readouterr()
     assert main(["train", "--out", str(copy), "--epochs", "2", "--set", "learning_rate=5e-4", "--quiet"]) == 0
     err = capsys.readouterr().err
-    assert "with changed settings: epochs 1 -> 2, learning_rate 0.001 -> 0.0005" in err
+    assert "resuming with changed settings: epochs 1 -> 2, learning_rate 0.001 -> 0.0005" in err
     assert main(["train", "--out", str(copy), "--epochs", "2", "--quiet"]) == 0  # the saved config: no change
     assert "changed settings" not in capsys.readouterr().err
 

@@ -140,7 +140,7 @@ def test_picture_outputs_replace_only_facevae_pictures(command, tmp_path, capsys
     target = tmp_path / "mine.png"
     target.write_bytes(b"my own picture")
     if command == "compare":
-        assert main(["evaluate", str(run), "--limit", "2"]) == 0
+        assert main(["evaluate", str(run)]) == 0  # a full test evaluation: it writes eval.json
     argv = [command, str(run), *PICTURE_ARGS[command], "--out", str(target)]
     capsys.readouterr()
     assert main(argv) == 2

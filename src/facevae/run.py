@@ -100,7 +100,7 @@ class Run:
         """The run's config: defaults < config file (else the run's saved config.toml when resuming) < overrides.
 
         "auto" channels and image_size become the data's. A run that has a checkpoint keeps its network: changing an
-        architecture key is refused (any other change, a learning rate or more epochs, is allowed and said on stderr);
+        architecture key is refused (any other change, a learning rate or more epochs, is allowed: changed_settings);
         a checkpoint whose config.toml is gone needs --config. A folder that is not a run is refused before anything in
         it is read.
         """
@@ -116,11 +116,16 @@ class Run:
                 raise UserError(f"{self} was trained with other {', '.join(changed)} "
                                 f"({', '.join(f'{k} = {getattr(saved, k)}' for k in changed)}); "
                                 f"use a new --out to train a different network")
-            changes = [f"{k} {toml_value(v)} -> {toml_value(getattr(config, k))}"
-                       for k, v in saved.to_dict().items() if getattr(config, k) != v]
-            if changes and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it
-                print(f"resuming {self} with changed settings: {', '.join(changes)}", file=sys.stderr)
         return config
+
+    def changed_settings(self, config: Config) -> list[str]:
+        """What `config` changes from the run's saved config.toml, as "key old -> new" (none for a new run): the
+        trainer says it once the checkpoint has loaded."""
+        if not self.config_file.is_file():
+            return []
+        saved = Config.from_toml(self.config_file)
+        return [f"{k} {toml_value(v)} -> {toml_value(getattr(config, k))}"
+                for k, v in saved.to_dict().items() if getattr(config, k) != v]
 
     def write_config(self, config: Config) -> None:
         """Create the directory (if new) and write the resolved config.toml."""

@@ -246,6 +246,7 @@ class Trainer:
             world.barrier()  # rank 0 prepares the data first; the others then open the finished cache
         train_images, self.test_images = load_data(config, progress=progress)
         if world.is_main:  # nothing is created before the config and the data are checked
+            self.changes = run.changed_settings(config)  # said once the checkpoint has loaded (_resume)
             held.push(run.open_for_training(config))  # already held: released when `held` closes
             world.barrier()
         # uint8 on the device (4x smaller than float, converted per batch there); on the CPU the memory-mapped cache
@@ -294,6 +295,8 @@ class Trainer:
             self.scaler.load_state_dict(saved["scaler"])
         state = TrainState.resumed(saved, state.global_batch)
         self.say(f"resuming {self.run} at epoch {state.epoch + 1}, step {state.step}")
+        if getattr(self, "changes", None):  # rank 0 only: the others never read config.toml
+            self.say(f"resuming with changed settings: {', '.join(self.changes)}")
         return state
 
     def say(self, message: str) -> None:
