@@ -48,9 +48,10 @@ tutorial: install
 # Mutation testing (mutmut, the `mutate` extra) of the likelihoods, bounds, training state, atomic writes, checkpoints
 # and splits, each module in a temporary copy with the tests that cover it: MODULES="fileio metrics" for some of them.
 MODULES ?=
+MUTATE_ARGS ?=  # e.g. --budget 600: seconds per module, the mutants not reached are reported as not checked
 mutate: install
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install --disable-pip-version-check -q -e ".[mutate]"
-	$(PY) tools/mutate.py $(MODULES)
+	$(PY) tools/mutate.py $(MODULES) $(MUTATE_ARGS)
 
 bench: install
 	$(PY) benchmarks/train_throughput.py

@@ -5,14 +5,17 @@ Each module is mutated by mutmut 3 in its own temporary copy of the project (src
 [tool.mutmut] section naming that module and the tests that cover it), so the working tree is never touched. mutmut
 runs, for each mutant, only the selected tests that reach the mutated function. Equivalent mutants are listed, with
 the reason, in docs/mutation-equivalents.md; the score here counts them as survivors (nothing is excluded silently).
+The score is caught / checked; with --budget, mutants not reached in time are counted apart as not checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,20 +71,33 @@ def _results(work: Path) -> dict[str, list[str]]:
     return groups
 
 
-def mutate(module: str, *, children: int, keep: bool) -> dict[str, object]:
+def _run_mutmut(work: Path, children: int, budget: float | None) -> subprocess.CompletedProcess:
+    """`mutmut run` in work, stopped (its whole process group) after `budget` seconds: the rest stay not checked."""
+    proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=work,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=budget)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def mutate(module: str, *, children: int, keep: bool, budget: float | None = None) -> dict[str, object]:
     """Run mutmut on one module in a temporary copy; its score and survivors."""
     work = Path(tempfile.mkdtemp(prefix=f"facevae-mutate-{module.replace('/', '-')}-"))
     try:
         _copy(module, work)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=work,
-                              capture_output=True, text=True)
+        proc = _run_mutmut(work, children, budget)
         groups = _results(work)
         survivors = sorted(groups.get("survived", []) + groups.get("no tests", []))
         diffs = {m: _show(work, m) for m in survivors}
         total = sum(len(v) for v in groups.values())
+        checked = total - len(groups.get("not checked", []))
         caught = sum(len(v) for k, v in groups.items() if k in CAUGHT)
-        return {"module": module, "mutants": total, "caught": caught, "score": caught / total if total else None,
+        return {"module": module, "mutants": total, "checked": checked, "caught": caught,
+                "score": caught / checked if checked else None,
                 "outcomes": {k: len(v) for k, v in groups.items()}, "survivors": diffs,
                 "seconds": round(time.perf_counter() - start), "returncode": proc.returncode,
                 "log": proc.stdout[-3000:] + proc.stderr[-3000:] if not caught else ""}
@@ -105,6 +121,7 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", default=list(MODULES), help=f"some of {', '.join(MODULES)}")
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies (for mutmut browse)")
+    parser.add_argument("--budget", type=float, help="seconds per module; mutants not reached are reported as such")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in MODULES]
@@ -112,10 +129,11 @@ def main() -> None:
         parser.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
     results = []
     for module in args.modules:
-        r = mutate(module, children=args.children, keep=args.keep)
+        r = mutate(module, children=args.children, keep=args.keep, budget=args.budget)
         results.append(r)
         score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
-        print(f"{module:14s} {r['caught']:4d} / {r['mutants']:4d} caught  score {score}  {r['seconds']} s  "
+        print(f"{module:14s} {r['caught']:4d} / {r['checked']:4d} checked caught ({r['mutants']} mutants)  "
+              f"score {score}  {r['seconds']} s  "
               f"{r['outcomes']}", flush=True)
         for name, diff in r["survivors"].items():
             print(f"  survived {name}\n    " + diff.replace("\n", "\n    "), flush=True)
