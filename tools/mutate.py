@@ -34,6 +34,7 @@ MODULES: dict[str, list[str]] = {
                       "tests/test_new_likelihood.py", "tests/test_planted.py"],
     "data/cache": ["tests/test_folder.py", "tests/test_celeba.py", "tests/test_planted.py"],
     "train": ["tests/test_faults.py", "tests/test_planted.py", "tests/test_precision.py"],
+    "evaluate": ["tests/test_evaluate.py", "tests/test_planted.py"],
 }
 # What mutmut's `results` calls each outcome; killed (and timed out: an infinite loop is caught) count as caught.
 CAUGHT = {"killed", "timeout"}
