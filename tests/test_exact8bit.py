@@ -316,3 +316,14 @@ def test_elbo_monte_carlo_error_matches_the_spread_of_repeated_evaluations(tiny)
     assert all(r["elbo_stderr"] > 0 for r in reports)
     torch.manual_seed(0)
     assert evaluate(vae, images, iw_samples=1)["elbo_mc_stderr"] is None  # one sample: no estimate of its error
+
+
+def test_discretized_logistic_mean_is_the_same_in_a_traced_graph(monkeypatch):
+    """ONNX export and torch.compile cannot branch on data: the branch-free mean equals the eager one at every scale."""
+    mu = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    log_scale = torch.linspace(math.log(1e-4), math.log(0.2), 192, dtype=torch.float64).view(3, 1, 8, 8)
+    eager = DiscretizedLogistic(mu, log_scale, min_scale=1e-5).mean
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    traced = DiscretizedLogistic(mu, log_scale, min_scale=1e-5).mean
+    assert (log_scale.exp() * 255 < 1).any() and (log_scale.exp() * 255 >= 1).any()  # both formulas are used
+    torch.testing.assert_close(traced, eager, rtol=0, atol=1e-12)

@@ -402,7 +402,10 @@ class DiscretizedLogistic(Likelihood):
         levels = s1 * (F.softplus(t / s1) - F.softplus((t - (LEVELS - 1)) / s1)) + (g_hi - g_lo) / (24 * s1) \
             - 7 * (g_hi * (1 - 6 * g_hi) - g_lo * (1 - 6 * g_lo)) / (5760 * s1**3)
         sharp = s1 < 1
-        if sharp.any():
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            # A traced graph (torch.compile, ONNX export) cannot branch on the data: every pixel takes both formulas.
+            levels = torch.where(sharp, _window_level_sum(t, s1.clamp(max=1)), levels)
+        elif sharp.any():  # eager: the window sum only where it is needed (one read of the device per call)
             levels[sharp] = _window_level_sum(t[sharp], s1[sharp])
         return levels / (LEVELS - 1)
 
