@@ -90,7 +90,7 @@ def main() -> None:
         t0 = time.perf_counter()
         cache = write_cache(tmp / "cache", args.scale)
         print(f"wrote the cache in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-        config = Config(data=str(cache), eval_batch_size=args.batch_size).validate()
+        config = Config(data=str(cache), image_size=64, channels=3, eval_batch_size=args.batch_size).validate()
         run = tmp / "run"
         run.mkdir()
         torch.manual_seed(0)

@@ -36,7 +36,7 @@ TARGETS = {"export": 30.0, "report": 5.0}
 
 def make_run(run: Path) -> None:
     """A 64x64 run directory: model, config, metrics.jsonl, grids, eval.json."""
-    config = Config(data="celeba:/data/celeba").validate()
+    config = Config(data="celeba:/data/celeba", image_size=64, channels=3).validate()
     torch.manual_seed(0)
     vae = VAE(config).eval()
     run.mkdir(parents=True)

@@ -53,7 +53,7 @@ ATTRIBUTES = 40  # CelebA's
 def make_run(run_dir: Path) -> Config:
     """A 64x64 run of the deck's network with random weights and random attribute vectors."""
     torch.manual_seed(0)
-    config = Config().validate()
+    config = Config(image_size=64, channels=3).validate()
     vae = VAE(config).eval()
     run_dir.mkdir(parents=True)
     save_model(vae, run_dir / "model.safetensors")
