@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from facevae import checkpoint as ckpt
 from facevae.cli import main
 from facevae.config import Config
+from facevae.distributions import LIKELIHOODS
 from facevae.errors import UserError
 from facevae.model import VAE
 from facevae.train import seed_everything, train
@@ -328,9 +329,10 @@ def test_two_processes_follow_the_one_process_trajectory(tmp_path):
     assert json.loads((two / "checkpoint" / "state.json").read_text())["step"] == 5 + 10  # one process, batch 8: 10 steps
 
 
-def test_training_steps_do_not_read_the_device(tmp_path, monkeypatch):
-    """No host sync inside the step: an epoch of 10 steps reads tensors as often as an epoch of 5 (reads happen at
-    logging, checkpoints and epoch end only)."""
+@pytest.mark.parametrize("likelihood", sorted(LIKELIHOODS))
+def test_training_steps_do_not_read_the_device(tmp_path, monkeypatch, likelihood):
+    """No host sync inside the step, whatever the likelihood: an epoch of 10 steps reads tensors as often as an epoch
+    of 5 (reads happen at logging, checkpoints and epoch end only)."""
     reads = {"n": 0}
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -344,7 +346,8 @@ def test_training_steps_do_not_read_the_device(tmp_path, monkeypatch):
     def reads_for(batch_size: int) -> int:
         reads["n"] = 0
         out = tmp_path / f"b{batch_size}"
-        train(_tiny(batch_size=batch_size, epochs=1, log_every=1000, checkpoint_every=0), out, progress=False)
+        train(_tiny(batch_size=batch_size, epochs=1, log_every=1000, checkpoint_every=0, likelihood=likelihood), out,
+              progress=False)
         return reads["n"]
 
     assert reads_for(16) == reads_for(8)  # 5 steps against 10

@@ -335,6 +335,13 @@ class ContinuousBernoulli(Likelihood):
         return torch.where(near, u, x).clamp(0, 1)
 
 
+def _selects_in_place(t: torch.Tensor) -> bool:
+    """Whether a boolean index may pick the pixels that need more work: in eager mode on the CPU. A boolean index on
+    an accelerator reads the device (a sync per training step), and a traced graph (torch.compile, ONNX export)
+    cannot branch on the data."""
+    return t.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
 def _window_level_sum(t: torch.Tensor, s1: torch.Tensor, half: int = 20) -> torch.Tensor:
     """sum_{j=1..255} sigmoid((t + 1/2 - j) / s1) for s1 < 1, on flat tensors: the levels j within `half` of t
     directly, those below that window counted as 1, those above as 0 (each off by at most e^-19.5)."""
@@ -402,11 +409,10 @@ class DiscretizedLogistic(Likelihood):
         levels = s1 * (F.softplus(t / s1) - F.softplus((t - (LEVELS - 1)) / s1)) + (g_hi - g_lo) / (24 * s1) \
             - 7 * (g_hi * (1 - 6 * g_hi) - g_lo * (1 - 6 * g_lo)) / (5760 * s1**3)
         sharp = s1 < 1
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            # A traced graph (torch.compile, ONNX export) cannot branch on the data: every pixel takes both formulas.
-            levels = torch.where(sharp, _window_level_sum(t, s1.clamp(max=1)), levels)
-        elif sharp.any():  # eager: the window sum only where it is needed (one read of the device per call)
+        if _selects_in_place(t):  # the window sum only where it is needed; on the CPU that reads no device
             levels[sharp] = _window_level_sum(t[sharp], s1[sharp])
+        else:  # an accelerator (a boolean index would wait for it) or a traced graph: every pixel takes both formulas
+            levels = torch.where(sharp, _window_level_sum(t, s1.clamp(max=1)), levels)
         return levels / (LEVELS - 1)
 
     def sample(self) -> torch.Tensor:
