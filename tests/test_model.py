@@ -9,7 +9,7 @@ from facevae.checkpoint import load_model, save_model
 from facevae.config import Config
 from facevae.data import with_data_shape
 from facevae.distributions import LIKELIHOODS
-from facevae.model import VAE, network_summary
+from facevae.model import VAE, folded, network_summary
 
 
 @pytest.mark.parametrize("size,widths", [(32, [8, 16, 32]), (64, [8, 16, 32, 32, 64]), (128, [4, 8, 8, 16, 16])])
@@ -77,3 +77,27 @@ def test_summary_lists_layers_and_parameters():
     assert len(mult_adds) == 1 and "Units." not in mult_adds[0] and "MB" not in mult_adds[0]
     count = int(mult_adds[0].split("(")[1].rstrip(")").replace(",", ""))  # "Total mult-adds: 52.43 M (52,428,800)"
     assert mult_adds[0].startswith(f"Total mult-adds: {count / 1e6:.2f} M (")
+
+
+def test_folded_is_the_same_function_without_batchnorm():
+    """Evaluation's copy folds each BatchNorm into its convolution: the same posterior and decoder output as the
+    eval-mode network with trained (non-trivial) statistics, and the original model is left as it was."""
+    torch.manual_seed(0)
+    vae = VAE(Config(image_size=16, channels=3, widths=[8, 16], latent_dim=4))
+    for m in vae.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.2, 3)
+            m.weight.data.normal_()
+            m.bias.data.normal_()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    vae.eval()
+    fast = folded(vae)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x, z = torch.rand(5, 3, 16, 16), torch.randn(5, 4)
+    with torch.no_grad():
+        for a, b in zip(vae.encoder(x), fast.encoder(x)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.decoder(z), vae.decoder(z), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in vae.modules())
