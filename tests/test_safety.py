@@ -113,6 +113,10 @@ def test_prepare_into_an_empty_folder_and_a_users_partial_folder(tmp_path, capsy
     assert main(["prepare", "--data", f"folder:{tmp_path / 'photos'}", "--out", str(tmp_path / "c")]) == 2
     assert "c.partial (where prepare keeps the cache" in one_line(capsys)
     assert snapshot(mine) == before and not (tmp_path / "c").exists()
+    (tmp_path / "d.partial").mkdir()  # even an empty one: prepare removes its partial cache when the source fails
+    assert main(["prepare", "--data", f"folder:{tmp_path / 'photos'}", "--out", str(tmp_path / "d")]) == 2
+    assert "a folder facevae did not make" in one_line(capsys)
+    assert (tmp_path / "d.partial").is_dir() and not any((tmp_path / "d.partial").iterdir())
 
 
 def test_train_never_writes_into_a_folder_that_is_not_a_run(tmp_path, capsys):

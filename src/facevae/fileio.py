@@ -64,11 +64,14 @@ def marker_kind(path: str | Path) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def check_output_dir(path: str | Path, kind: str, *, flag: str = "--out", what: str | None = None) -> None:
-    """Refuse (one-line UserError) unless `path` is new, an empty folder, or a folder facevae marked as its `kind`.
+def check_output_dir(path: str | Path, kind: str, *, flag: str = "--out", what: str | None = None,
+                     empty_ok: bool = True) -> None:
+    """Refuse (one-line UserError) unless `path` is new, an empty folder (unless not `empty_ok`), or a folder
+    facevae marked as its `kind`.
 
     Nothing is written: the caller creates and marks the folder (mark_dir) only once everything else is checked.
-    `what` names the folder in the message (default: "--out PATH").
+    `what` names the folder in the message (default: "--out PATH"). `empty_ok=False` for a folder facevae may
+    remove again (a partial cache): a user's empty folder is theirs, too.
     """
     path = Path(path)
     what = what or f"{flag} {path}"
@@ -81,10 +84,11 @@ def check_output_dir(path: str | Path, kind: str, *, flag: str = "--out", what: 
         return
     if not path.is_dir():
         raise UserError(f"{what} is a file, not a folder; name a new folder")
-    if marker_kind(path) == kind or not any(os.scandir(path)):
+    if marker_kind(path) == kind or (empty_ok and not any(os.scandir(path))):
         return
     other = marker_kind(path)
-    held = f"a facevae {other}, not a {kind}" if other else "files facevae did not write"
+    held = f"a facevae {other}, not a {kind}" if other else ("files facevae did not write" if any(os.scandir(path))
+                                                            else "a folder facevae did not make")
     raise UserError(f"{what} already holds {held}; facevae writes only into a new or empty folder or its own "
                     f"{kind}: choose another {flag}")
 

@@ -143,7 +143,8 @@ def prepare(spec: str, *, size: int = 64, crop: int = 148, scheme: str = "offici
         return target, _reuse(target, SOURCES[kind], s)
     partial = target.with_name(target.name + ".partial") if target.name else target  # "/": refused just below
     check_output_dir(target, "cache")
-    check_output_dir(partial, "cache", what=f"{partial} (where prepare keeps the cache while it is made)")
+    check_output_dir(partial, "cache", what=f"{partial} (where prepare keeps the cache while it is made)",
+                     empty_ok=False)  # removed again if nothing usable comes of the source
     mark_dir(partial, "cache")
     with DirLock(partial, f"the cache being prepared at {target}"):
         if is_cache(target):  # another process finished it meanwhile
