@@ -94,6 +94,21 @@ def test_gaussian_against_scipy_where_direct_differences_are_accurate():
             assert lp[i].item() == pytest.approx(math.log(mass), rel=1e-9, abs=1e-9)
 
 
+@pytest.mark.parametrize("sigmas", [(0.5, 0.8), (0.03, 0.05)])  # few wide bins (picked out), many (blended)
+def test_gaussian_few_and_many_wide_bins_with_a_sigma_per_image(sigmas):
+    """The wide bins are picked out by index when they are few and blended when many: every pixel against the
+    60-digit reference either way, with a sigma per image broadcast over its pixels."""
+    torch.manual_seed(1)
+    x = torch.randint(0, 256, (2, 1, 5, 5)).double() / 255
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 0, 1  # an open edge bin in each image: always wide
+    mu = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    log_sigma = torch.tensor([math.log(s) for s in sigmas], dtype=torch.float64).view(2, 1, 1, 1)
+    lp = gaussian_bin_log_mass(x, mu, log_sigma)
+    for i in np.ndindex(*x.shape):
+        expected = _mp_log_mass(round(x[i].item() * 255), mu[i].item(), sigmas[i[0]])
+        assert lp[i].item() == pytest.approx(expected, rel=1e-10, abs=1e-10), i
+
+
 def test_gaussian_series_and_tails_meet():
     """Around the switch from the series (narrow bins) to log-CDFs, the two agree: no jump in log P."""
     sigma = 0.05  # w = 1 / (256 sigma) = 0.078: the switch falls at |c| = 0.28 on both sides of the mean
