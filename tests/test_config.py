@@ -56,3 +56,16 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("latent_dim = = 3\n")
     with pytest.raises(UserError, match="not valid TOML"):
         Config.from_toml(bad)
+
+
+def test_an_old_key_is_read_under_its_new_name_with_one_notice(tmp_path, capsys, monkeypatch):
+    """`split` became `split_scheme`: an old config still loads; the notice is said once per process, though a run's
+    config.toml and its model's metadata both hold the old key."""
+    from facevae import config as config_module
+
+    monkeypatch.setattr(config_module, "_NOTED", set())
+    (tmp_path / "config.toml").write_text('split = "deck"\n')
+    first = Config.from_toml(tmp_path / "config.toml")
+    second = Config.from_dict({"split": "deck"}, source="the model's metadata")
+    assert first.split_scheme == second.split_scheme == "deck"
+    assert capsys.readouterr().err.count("config key 'split'") == 1

@@ -224,12 +224,17 @@ def parse_value(text: str) -> Any:
         raise UserError(f"--set value {text[:40]}... is nested too deeply") from None
 
 
+_NOTED: set[str] = set()  # old keys already noted in this process (a run's config.toml and its model both hold one)
+
+
 def _renamed(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Old key names mapped to their new ones, with a one-line notice on stderr for each."""
+    """Old key names mapped to their new ones, with a one-line notice on stderr for each, once per process."""
     out = dict(values)
     for old, new in RENAMED.items():
         if old in out and new not in out:
-            print(f"facevae: note: config key '{old}' in {source} is now '{new}'; read as {new}", file=sys.stderr)
+            if old not in _NOTED:
+                print(f"facevae: note: config key '{old}' in {source} is now '{new}'; read as {new}", file=sys.stderr)
+                _NOTED.add(old)
             out[new] = out.pop(old)
     return out
 
