@@ -63,7 +63,7 @@ def test_an_old_key_is_read_under_its_new_name_with_one_notice(tmp_path, capsys,
     config.toml and its model's metadata both hold the old key."""
     from facevae import config as config_module
 
-    monkeypatch.setattr(config_module, "_NOTED", set())
+    monkeypatch.setattr(config_module, "_NOTED", set(), raising=False)
     (tmp_path / "config.toml").write_text('split = "deck"\n')
     first = Config.from_toml(tmp_path / "config.toml")
     second = Config.from_dict({"split": "deck"}, source="the model's metadata")
