@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ def _cache_in_tmp(tmp_path_factory):
     """Prepared caches go to a temporary directory, never to ~/.cache (subprocesses inherit the variable)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("FACEVAE_CACHE", str(tmp_path_factory.mktemp("facevae-cache")))
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("FACEVAE_TEST_THREADS", "2")))  # tools/mutate.py: 1 per mutant
     yield
     mp.undo()
 

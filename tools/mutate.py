@@ -3,14 +3,18 @@
 
 Each module is mutated by mutmut 3 in its own temporary copy of the project (src/, tests/, pyproject.toml with a
 [tool.mutmut] section naming that module and the tests that cover it), so the working tree is never touched. mutmut
-runs, for each mutant, only the selected tests that reach the mutated function. Equivalent mutants are listed, with
-the reason, in docs/mutation-equivalents.md; the score here counts them as survivors (nothing is excluded silently).
+runs, for each mutant, only the selected tests that reach the mutated function, in a forked pytest; the copy's
+conftest runs them fastest first (timed by mutmut's own clean run), so that `-x` stops at the first, cheapest
+failure. The functions in scope are listed per module (SCOPES); the mutants of the others are counted and reported
+as out of scope, with the reason in docs/mutation-equivalents.md. Equivalent mutants are listed, with the reason,
+in the same file; the score here counts them as survivors (nothing is excluded silently).
 The score is caught / checked; with --budget, mutants not reached in time are counted apart as not checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
@@ -20,29 +24,92 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# module (under src/facevae) -> the tests that cover it, run in-process (mutants do not reach subprocesses)
-MODULES: dict[str, list[str]] = {
-    "fileio": ["tests/test_planted.py", "tests/test_safety.py",
-               "tests/test_faults.py::test_full_disk_keeps_the_previous_checkpoint"],
-    "metrics": ["tests/test_evaluate.py", "tests/test_objectives.py", "tests/test_planted.py"],
-    "checkpoint": ["tests/test_faults.py", "tests/test_model.py", "tests/test_planted.py"],
-    "distributions": ["tests/test_distributions.py", "tests/test_likelihoods.py", "tests/test_objectives.py",
-                      "tests/test_new_likelihood.py", "tests/test_planted.py"],
-    "data/cache": ["tests/test_folder.py", "tests/test_celeba.py", "tests/test_planted.py"],
-    "train": ["tests/test_faults.py", "tests/test_planted.py", "tests/test_precision.py"],
-    "evaluate": ["tests/test_evaluate.py", "tests/test_planted.py"],
+
+@dataclass(frozen=True)
+class Scope:
+    """What `make mutate` mutates in one module, and the in-process tests that cover it."""
+
+    tests: tuple[str, ...]  # pytest selections (files or node ids); mutants never reach a subprocess
+    functions: tuple[str, ...] = ()  # "name" or "Class.method" (fnmatch patterns); empty: every function
+
+
+SCOPES: dict[str, Scope] = {
+    # atomic writes (the output-directory checks, lock and PNG sniffing: see docs/mutation-equivalents.md)
+    "fileio": Scope(("tests/test_planted.py", "tests/test_safety.py",
+                     "tests/test_faults.py::test_full_disk_keeps_the_previous_checkpoint"),
+                    ("fsync_path", "fsync_tree", "atomic_write")),
+    # the bounds and units (SSIM, an image-quality figure, is left out)
+    "metrics": Scope(("tests/test_evaluate.py", "tests/test_objectives.py", "tests/test_planted.py"),
+                     ("importance_samples", "iw_bound", "bits_per_dim", "mse", "psnr")),
+    # the likelihoods and the posterior: all of it
+    "distributions": Scope(("tests/test_distributions.py", "tests/test_likelihoods.py", "tests/test_objectives.py",
+                            "tests/test_new_likelihood.py", "tests/test_exact8bit.py", "tests/test_planted.py")),
+    # the training checkpoint: weights, optimiser, RNG and training state, written atomically and read back
+    "checkpoint": Scope(("tests/test_faults.py", "tests/test_model.py", "tests/test_planted.py"),
+                        ("model_bytes", "read_training", "save_model", "save_checkpoint", "has_checkpoint",
+                         "load_checkpoint", "_read_state", "_check_optimizer_header", "_file_sha256",
+                         "_match_parameter_layout", "_cpu_state", "_optimizer_to_flat", "_optimizer_from_flat",
+                         "_rng_state", "_set_rng_state")),
+    # the training state and the data order
+    "train": Scope(("tests/test_faults.py", "tests/test_planted.py", "tests/test_precision.py"),
+                   ("TrainState.*", "Meter.*", "seed_everything", "epoch_order", "batches_per_epoch",
+                    "MetricsLog.truncate_after", "Trainer._resume", "Trainer._epoch", "Trainer._batch",
+                    "Trainer.guarded_step", "Trainer._sync", "Trainer._save_checkpoint", "Trainer._end_epoch",
+                    "_finite", "_step", "_warmup")),
+    # the splits
+    "data/cache": Scope(("tests/test_folder.py", "tests/test_celeba.py", "tests/test_planted.py"),
+                        ("seeded_split", "Cache.split_indices")),
+    # the evaluation's bounds and units: the likelihood terms, the standard errors, the active units
+    "evaluate": Scope(("tests/test_evaluate.py", "tests/test_planted.py"),
+                      ("_likelihood_terms", "_score", "_report", "_likelihood_figures")),
 }
+MODULES = list(SCOPES)
+EQUIVALENTS_DOC = ROOT / "docs" / "mutation-equivalents.md"
 # What mutmut's `results` calls each outcome; killed (and timed out: an infinite loop is caught) count as caught.
 CAUGHT = {"killed", "timeout"}
 
+# Appended to the copy's tests/conftest.py: mutmut runs a mutant's tests in the order of a set; run the fastest
+# first (mutmut's recorded durations are inherited by the forked pytest), so that -x stops a killed mutant early.
+ORDER_HOOK = '''
 
-def _config(module: str, tests: list[str]) -> str:
+def pytest_collection_modifyitems(items):
+    """tools/mutate.py: the fastest tests first (mutmut's durations of the clean run), so -x stops early."""
+    try:
+        from mutmut.state import state
+    except ImportError:
+        return
+    took = state().duration_by_test
+    if took:
+        items.sort(key=lambda item: took.get(item.nodeid, float("inf")))
+'''
+
+
+def mutant_patterns(module: str) -> list[str]:
+    """mutmut's mutant-name patterns of the functions in scope (empty: all), e.g. facevae.train.x_epoch_order__mutmut_*."""
+    dotted = "facevae." + module.replace("/", ".")
+    patterns = []
+    for f in SCOPES[module].functions:
+        cls, _, name = f.rpartition(".")
+        mangled = f"x\u01c1{cls}\u01c1{name}" if cls else f"x_{name}"
+        patterns.append(f"{dotted}.{mangled}__mutmut_*")
+    return patterns
+
+
+def listed_equivalents() -> set[str]:
+    """The mutants docs/mutation-equivalents.md lists as equivalent (its "## Equivalent mutants" section)."""
+    text = EQUIVALENTS_DOC.read_text() if EQUIVALENTS_DOC.is_file() else ""
+    section = text.split("## Equivalent mutants", 1)[-1].split("\n## ", 1)[0] if "## Equivalent mutants" in text else ""
+    return set(re.findall(r"`(facevae\.[\w.\u01c1]+__mutmut_\d+)`", section))
+
+
+def _config(module: str, timeout_multiplier: float) -> str:
     """The [tool.mutmut] section for one module: mutate it alone, select its tests, skip the slow ones."""
-    quoted = ", ".join(json.dumps(t) for t in tests)
+    quoted = ", ".join(json.dumps(t) for t in SCOPES[module].tests)
     return ("\n[tool.mutmut]\n"
             'source_paths = ["src"]\n'
             f'only_mutate = ["src/facevae/{module}.py"]\n'
@@ -50,14 +117,18 @@ def _config(module: str, tests: list[str]) -> str:
             'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]\n'
             'also_copy = ["configs", "docs", "benchmarks"]\n'
             'process_isolation = "forkserver"\n'
+            f"timeout_multiplier = {timeout_multiplier}\n"
             "use_git_change_detection = false\n")
 
 
-def _copy(module: str, dest: Path) -> None:
-    """The project's files (no venv, runs or caches) into dest, pyproject.toml with the module's mutmut section."""
+def _copy(module: str, dest: Path, timeout_multiplier: float) -> None:
+    """The project's files (no venv, runs or caches) into dest: pyproject.toml with the module's mutmut section, the
+    conftest with the fastest-first hook."""
     ignore = shutil.ignore_patterns(".git", ".venv", "runs", "mutants", "__pycache__", "*.egg-info", ".pytest_cache")
     shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
-    (dest / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + _config(module, MODULES[module]))
+    (dest / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + _config(module, timeout_multiplier))
+    conftest = dest / "tests" / "conftest.py"
+    conftest.write_text(conftest.read_text() + ORDER_HOOK)
 
 
 def _results(work: Path) -> dict[str, list[str]]:
@@ -72,9 +143,11 @@ def _results(work: Path) -> dict[str, list[str]]:
     return groups
 
 
-def _run_mutmut(work: Path, children: int, budget: float | None) -> subprocess.CompletedProcess:
-    """`mutmut run` in work, stopped (its whole process group) after `budget` seconds: the rest stay not checked."""
-    proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(children)], cwd=work,
+def _run_mutmut(work: Path, args: list[str], budget: float | None) -> subprocess.CompletedProcess:
+    """`mutmut run` in work, stopped (its whole process group) after `budget` seconds: the rest stay not checked.
+    One torch thread per test process: mutmut runs --children of them at once."""
+    env = {**os.environ, "FACEVAE_TEST_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mutmut", "run", *args], cwd=work, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=budget)
@@ -84,23 +157,33 @@ def _run_mutmut(work: Path, children: int, budget: float | None) -> subprocess.C
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def mutate(module: str, *, children: int, keep: bool, budget: float | None = None) -> dict[str, object]:
-    """Run mutmut on one module in a temporary copy; its score and survivors."""
+def mutate(module: str, *, children: int, keep: bool, budget: float | None = None,
+           timeout_multiplier: float = 5.0) -> dict[str, object]:
+    """Run mutmut on one module's functions in scope, in a temporary copy; its score and survivors."""
     work = Path(tempfile.mkdtemp(prefix=f"facevae-mutate-{module.replace('/', '-')}-"))
     try:
-        _copy(module, work)
+        _copy(module, work, timeout_multiplier)
         start = time.perf_counter()
-        proc = _run_mutmut(work, children, budget)
+        patterns = mutant_patterns(module)
+        proc = _run_mutmut(work, ["--max-children", str(children), *patterns], budget)
+        seconds = time.perf_counter() - start
         groups = _results(work)
+        in_scope = (lambda m: any(fnmatch.fnmatchcase(m, p) for p in patterns)) if patterns else (lambda m: True)
+        out_of_scope = [m for v in groups.values() for m in v if not in_scope(m)]
+        groups = {k: [m for m in v if in_scope(m)] for k, v in groups.items()}
+        groups = {k: v for k, v in groups.items() if v}
         survivors = sorted(groups.get("survived", []) + groups.get("no tests", []))
         diffs = {m: _show(work, m) for m in survivors}
         total = sum(len(v) for v in groups.values())
         checked = total - len(groups.get("not checked", []))
         caught = sum(len(v) for k, v in groups.items() if k in CAUGHT)
+        equivalent = sorted(set(survivors) & listed_equivalents())
+        real = checked - len(equivalent)
         return {"module": module, "mutants": total, "checked": checked, "caught": caught,
-                "score": caught / checked if checked else None,
+                "score": caught / checked if checked else None, "out_of_scope": len(out_of_scope),
+                "equivalent": equivalent, "score_without_equivalents": caught / real if real else None,
                 "outcomes": {k: len(v) for k, v in groups.items()}, "survivors": diffs,
-                "seconds": round(time.perf_counter() - start), "returncode": proc.returncode,
+                "seconds": round(seconds), "returncode": proc.returncode,
                 "log": proc.stdout[-3000:] + proc.stderr[-3000:] if not caught else ""}
     finally:
         if keep:
@@ -117,29 +200,42 @@ def _show(work: Path, mutant: str) -> str:
                      if line.startswith(("+", "-")) and not line.startswith(("+++", "---")))
 
 
+def _print(r: dict[str, object]) -> None:
+    """One module's line, then its survivors with their diffs."""
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.1f}%"
+
+    scope = f", {r['out_of_scope']} out of scope" if r["out_of_scope"] else ""
+    print(f"{r['module']:14s} {r['caught']:4d} / {r['checked']:4d} checked caught ({r['mutants']} mutants in scope"
+          f"{scope})  score {pct(r['score'])} ({pct(r['score_without_equivalents'])} without the "
+          f"{len(r['equivalent'])} listed equivalents)  {r['seconds']} s  {r['outcomes']}", flush=True)
+    for name, diff in r["survivors"].items():
+        listed = " (listed as equivalent)" if name in r["equivalent"] else ""
+        print(f"  survived {name}{listed}\n    " + diff.replace("\n", "\n    "), flush=True)
+    if r["log"]:
+        print(r["log"], file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", default=list(MODULES), help=f"some of {', '.join(MODULES)}")
-    parser.add_argument("--children", type=int, default=2, help="mutants tested at once")
+    parser.add_argument("modules", nargs="*", default=MODULES, help=f"some of {', '.join(MODULES)}")
+    parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies (for mutmut browse)")
     parser.add_argument("--budget", type=float, help="seconds per module; mutants not reached are reported as such")
+    parser.add_argument("--timeout-multiplier", type=float, default=5.0,
+                        help="a mutant times out (caught) after this many times its tests' clean time, plus 1 s")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    unknown = [m for m in args.modules if m not in MODULES]
+    unknown = [m for m in args.modules if m not in SCOPES]
     if unknown:
-        parser.error(f"unknown module(s) {unknown}; choose from {list(MODULES)}")
-    results = []
+        parser.error(f"unknown module(s) {unknown}; choose from {MODULES}")
+    start, results = time.perf_counter(), []
     for module in args.modules:
-        r = mutate(module, children=args.children, keep=args.keep, budget=args.budget)
+        r = mutate(module, children=args.children, keep=args.keep, budget=args.budget,
+                   timeout_multiplier=args.timeout_multiplier)
         results.append(r)
-        score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
-        print(f"{module:14s} {r['caught']:4d} / {r['checked']:4d} checked caught ({r['mutants']} mutants)  "
-              f"score {score}  {r['seconds']} s  "
-              f"{r['outcomes']}", flush=True)
-        for name, diff in r["survivors"].items():
-            print(f"  survived {name}\n    " + diff.replace("\n", "\n    "), flush=True)
-        if r["log"]:
-            print(r["log"], file=sys.stderr)
+        _print(r)
+    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -83,9 +83,9 @@ class Cache:
     def split_indices(self, split: str) -> np.ndarray:
         """The indices of the images of `split` (train, valid or test), int64 (N_split,)."""
         names = self.manifest["split_names"]
-        counts = self.manifest.get("splits", {})
-        if split not in names or counts.get(split, 1) == 0:
-            have = [n for n in names if counts.get(n, 1) > 0]
+        empty = {n for n, count in self.manifest.get("splits", {}).items() if count == 0}  # counts may be absent
+        if split not in names or split in empty:
+            have = [n for n in names if n not in empty]
             raise UserError(f"the data has no '{split}' split (it has: {', '.join(have)}); "
                             f"choose one of those with --split")
         return np.flatnonzero(self.split_codes == names.index(split)).astype(np.int64)
