@@ -3,7 +3,12 @@ asserts real behaviour, and each was checked to fail on the mutant it names."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
 import json
+import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +16,16 @@ import pytest
 import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 
+from facevae import checkpoint as ckpt
 from facevae import evaluate as ev
 from facevae.data.cache import Cache, seeded_split
 from facevae.distributions import DiagonalGaussian, Gaussian
 from facevae.metrics import importance_samples
 from facevae.errors import UserError
 from facevae.model import VAE
-from facevae.train import train
+from facevae.train import Trainer, TrainState, _warmup, batches_per_epoch, train
 
 
 class _LinearGaussianModel:
@@ -203,3 +210,188 @@ def test_evaluation_encodes_each_batch_once_and_counts_every_importance_sample(t
     ev.evaluate(vae, images, iw_samples=3, batch_size=4)
     assert encoded == [4, 4, 2]
     assert sum(counted) == 10 * 3
+
+
+# ------------------------------------------------------------------ checkpoint: every generator and the optimiser
+def _draws() -> list:
+    """One draw of each generator a run may use: torch, numpy (its cached Gaussian too), Python (its too)."""
+    return [torch.rand(3).tolist(), np.random.standard_normal(), np.random.rand(2).tolist(), random.gauss(0, 1),
+            random.random()]
+
+
+def test_a_checkpoint_restores_every_generator_and_the_optimiser(tiny, tmp_path):
+    """After a load, torch, numpy and Python draw what they would have drawn at the save (numpy's and Python's
+    cached second Gaussian included), and Adam's state is the saved one."""
+    vae = VAE(tiny())
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    vae(torch.rand(4, 1, 32, 32)).loss.backward()
+    optimizer.step()
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal(), random.gauss(0, 1)  # each now holds a cached second Gaussian
+    ckpt.save_checkpoint(tmp_path, vae, optimizer, {"step": 7})
+    saved = copy.deepcopy(optimizer.state_dict())
+    expected = _draws()
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    fresh = torch.optim.Adam(vae.parameters(), lr=0.5, betas=(0.5, 0.6))
+    assert ckpt.load_checkpoint(tmp_path, vae, fresh)["step"] == 7
+    assert _draws() == expected
+    state = fresh.state_dict()
+    assert json.loads(json.dumps(state["param_groups"])) == json.loads(json.dumps(saved["param_groups"]))
+    assert state["state"].keys() == saved["state"].keys()
+    for i, entry in saved["state"].items():
+        assert entry.keys() == state["state"][i].keys()
+        assert all(torch.equal(torch.as_tensor(entry[k]), torch.as_tensor(state["state"][i][k])) for k in entry)
+
+
+def test_a_checkpoint_keeps_the_cuda_generators(tiny, tmp_path, monkeypatch):
+    """Each CUDA device's generator state is saved, in device order, and restored where the device count matches
+    (faked here: the machine has no GPU)."""
+    states = [torch.arange(5, dtype=torch.uint8), torch.arange(5, 10, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda new: restored.append([s.clone() for s in new]))
+    vae = VAE(tiny())
+    optimizer = torch.optim.Adam(vae.parameters())
+    ckpt.save_checkpoint(tmp_path, vae, optimizer, {"step": 1})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    ckpt.load_checkpoint(tmp_path, vae, optimizer)
+    assert len(restored) == 1 and [s.tolist() for s in restored[0]] == [s.tolist() for s in states]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # another machine: the CUDA states are left alone
+    ckpt.load_checkpoint(tmp_path, vae, optimizer)
+    assert len(restored) == 1
+
+
+def _saved(tiny, run: Path) -> tuple[VAE, torch.optim.Optimizer]:
+    """A tiny model after one Adam step, and its checkpoint in run/checkpoint."""
+    vae = VAE(tiny())
+    optimizer = torch.optim.Adam(vae.parameters())
+    vae(torch.rand(4, 1, 32, 32)).loss.backward()
+    optimizer.step()
+    ckpt.save_checkpoint(run, vae, optimizer, {"step": 1})
+    return vae, optimizer
+
+
+@pytest.mark.parametrize("name, tensor", [
+    ("optim.0.exp_avg", torch.zeros(3)),  # a moment of another shape than its parameter
+    ("optim.20.step", torch.zeros(())),  # index 20 of 20 parameters
+    ("optim.x.step", torch.zeros(())),  # not an index
+    ("optim.0", torch.zeros(())),  # no key
+    ("optim.0.exp_avg.more", torch.zeros(())),
+    ("state.0.step", torch.zeros(())),  # neither optim nor rng
+    ("rng.0.x", torch.zeros((), dtype=torch.uint8)),  # an RNG state is a flat (1-D) tensor
+    ("rng.extra", torch.zeros(2, 2, dtype=torch.uint8)),
+    ("rng.extra", torch.zeros(4)),  # of bytes or int64
+    ("rng.extra", torch.zeros(1 << 20, dtype=torch.uint8)),  # under 1 MiB
+])
+def test_an_optimizer_file_with_a_tensor_it_cannot_hold_is_damaged(tiny, tmp_path, name, tensor):
+    """optimizer.safetensors holds Adam's moments (their parameter's shape) and scalar steps, indexed by parameter,
+    and flat RNG states; anything else, even with a matching checksum, is named and refused before it is read."""
+    vae, optimizer = _saved(tiny, tmp_path)
+    cdir = tmp_path / "checkpoint"
+    tensors = load_file(str(cdir / "optimizer.safetensors"))
+    assert all(t.shape in ((), tuple(p.shape)) for k, t in tensors.items() if k.startswith("optim.")
+               for p in [list(vae.parameters())[int(k.split(".")[1])]])
+    data = st_save({**tensors, name: tensor})
+    (cdir / "optimizer.safetensors").write_bytes(data)
+    state = json.loads((cdir / "state.json").read_text())
+    state["sha256"]["optimizer.safetensors"] = hashlib.sha256(data).hexdigest()
+    (cdir / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ckpt.DamagedCheckpoint, match=f"optimizer.safetensors holds '{re.escape(name)}'"):
+        ckpt.load_checkpoint(tmp_path, vae, optimizer)
+
+
+def test_moments_take_their_parameters_memory_layout_on_load(tiny, tmp_path):
+    """safetensors stores tensors contiguous; a channels_last model's Adam moments get their parameter's strides
+    back on load (fused Adam walks both as raw memory), and the values stay the saved ones."""
+    vae = VAE(tiny()).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(vae.parameters())
+    vae(torch.rand(4, 1, 32, 32)).loss.backward()
+    optimizer.step()
+    ckpt.save_checkpoint(tmp_path, vae, optimizer, {"step": 1})
+    saved = {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(optimizer.state.values())}
+    fresh = torch.optim.Adam(vae.parameters())
+    ckpt.load_checkpoint(tmp_path, vae, fresh)
+    params = list(vae.parameters())
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in params)  # some are channels_last
+    for i, p in enumerate(params):
+        for key in ("exp_avg", "exp_avg_sq"):
+            moment = fresh.state[p][key]
+            assert moment.stride() == p.stride() and torch.equal(moment, saved[i][key]), (i, key)
+
+
+def test_read_training_of_a_model_file(tiny, tmp_path):
+    """How far training had gone, from the model file's header: the four checked keys alone; None for a file
+    without it, with malformed JSON or wrong types, or that is not a model file."""
+    vae = VAE(tiny())
+    path = tmp_path / "model.safetensors"
+    progress = {"step": 3, "epoch": 1, "epochs": 2, "finished": False}
+    ckpt.save_model(vae, path, data=ckpt.model_bytes(vae, training={**progress, "extra": 1}))
+    assert ckpt.read_training(path) == progress
+    ckpt.save_model(vae, path)
+    assert ckpt.read_training(path) is None  # no "training" entry (an older facevae's file)
+    for bad in ('{"step": 3', "[1, 2]", json.dumps({**progress, "step": "3"}), json.dumps({**progress, "finished": 1}),
+                json.dumps({k: v for k, v in progress.items() if k != "epochs"}), "[" * 100000 + "]" * 100000):
+        path.write_bytes(st_save({k: v for k, v in vae.state_dict().items()},
+                                 metadata={**vae.metadata(), "training": bad}))
+        assert ckpt.read_training(path) is None, bad[:40]
+    path.write_bytes(b"not a model")
+    assert ckpt.read_training(path) is None
+    assert ckpt.read_training(tmp_path / "missing.safetensors") is None
+
+
+# ------------------------------------------------------------------ train: the state's small parts
+def test_progress_says_finished_at_the_last_epoch_or_at_max_steps(tiny):
+    state = TrainState(8, step=5, epoch=1)
+    assert state.progress(tiny(epochs=2)) == {"step": 5, "epoch": 1, "epochs": 2, "finished": False}
+    assert state.progress(tiny(epochs=1))["finished"] is True
+    assert state.progress(tiny(epochs=2, max_steps=5))["finished"] is True
+    assert state.progress(tiny(epochs=2, max_steps=6))["finished"] is False
+
+
+def test_a_state_resumed_with_another_global_batch_starts_after_the_same_images():
+    saved = {**dataclasses.asdict(TrainState(8, step=7, epoch=1, batch=3, seen=24, count=3, sums=[1.0] * 5)),
+             "unknown": 1}
+    state = TrainState.resumed(saved, 4)
+    assert (state.global_batch, state.batch, state.step, state.epoch, state.seen, state.count) == (4, 6, 7, 1, 24, 3)
+    assert TrainState.resumed({k: v for k, v in saved.items() if k != "global_batch"}, 4).batch == 3
+    state.start_epoch()
+    assert (state.batch, state.count, state.seen, state.seconds, state.sums) == (0, 0, 0, 0.0, [0.0] * 5)
+    assert state.step == 7 and state.epoch == 1
+
+
+def test_batches_per_epoch_and_the_kl_warmup():
+    """A last partial batch is a step when it holds 2 images or more, and only in one process (ranks must agree on
+    the batch); the KL weight rises linearly to 1 over the warm-up steps (none: 1 at once)."""
+    assert [batches_per_epoch(n, 8) for n in (80, 81, 82, 7, 1)] == [10, 10, 11, 1, 0]
+    assert batches_per_epoch(82, 8, world_size=2) == 10 and batches_per_epoch(16, 8, world_size=2) == 2
+    assert [_warmup(s, 4) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert _warmup(0, 0) == 1.0 and _warmup(3, -1) == 1.0
+
+
+def test_epoch_means_are_those_of_the_good_steps(tiny, tmp_path, monkeypatch):
+    """The epoch record's train_* figures are the means of the steps' terms over the steps that were not skipped;
+    the skipped ones are counted."""
+    losses, original = [], Trainer.guarded_step
+
+    def recording(self, x, eps, kl_weight):
+        if len(losses) == 2:  # the third step's loss is not finite: skipped
+            x = x * float("nan")
+        terms, ok = original(self, x, eps, kl_weight)
+        losses.append((terms.loss.item(), terms.elbo.mean().item(), terms.kl.mean().item(), bool(ok)))
+        return terms, ok
+
+    monkeypatch.setattr(Trainer, "guarded_step", recording)
+    record = train(tiny(batch_size=16, epochs=1, log_every=100, image_every=100), tmp_path / "run", progress=False)
+    good = [t for t in losses if t[3]]
+    assert len(losses) == 5 and len(good) == 4 and record["skipped_steps"] == 1
+    for i, key in enumerate(("train_loss", "train_elbo", "train_kl")):
+        assert record[key] == pytest.approx(sum(t[i] for t in good) / 4, rel=1e-5), key
+
+
+def test_pictures_come_every_image_every_epochs_and_at_the_last(tiny, tmp_path, capsys):
+    train(tiny(batch_size=40, epochs=3, image_every=2, log_every=100), tmp_path / "run", progress=False)
+    pictures = sorted(p.name for p in (tmp_path / "run" / "images").glob("samples_e*.png"))
+    assert pictures == ["samples_e002.png", "samples_e003.png"]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert [line.split(" | ")[0] for line in lines] == ["epoch 2", "epoch 3"]

@@ -38,59 +38,76 @@ class Scope:
     functions: tuple[str, ...] = ()  # "name" or "Class.method" (fnmatch patterns); empty: every function
 
 
+# The tests of tests/test_faults.py that train in-process (the others run the CLI in a subprocess: no mutant there).
+FAULTS = tuple(f"tests/test_faults.py::{name}" for name in (
+    "test_damaged_checkpoint_is_refused", "test_pickle_in_place_of_the_model_is_never_unpickled",
+    "test_weights_that_do_not_match_the_config_are_refused", "test_non_finite_loss_skips_the_batch",
+    "test_too_many_non_finite_steps_stop_with_the_last_good_checkpoint", "test_full_disk_keeps_the_previous_checkpoint",
+    "test_unwritable_run_directory", "test_training_steps_do_not_read_the_device",
+    "test_a_non_finite_input_leaves_no_trace_in_batchnorm"))
+
+MINE = "tests/test_mutation.py"  # the small tests written against the survivors, first in every selection
 SCOPES: dict[str, Scope] = {
     # atomic writes (the output-directory checks, lock and PNG sniffing: see docs/mutation-equivalents.md)
-    "fileio": Scope(("tests/test_planted.py", "tests/test_safety.py",
+    "fileio": Scope((MINE, "tests/test_planted.py", "tests/test_safety.py",
                      "tests/test_faults.py::test_full_disk_keeps_the_previous_checkpoint"),
                     ("fsync_path", "fsync_tree", "atomic_write")),
     # the bounds and units (SSIM, an image-quality figure, is left out)
-    "metrics": Scope(("tests/test_evaluate.py", "tests/test_objectives.py", "tests/test_planted.py"),
+    "metrics": Scope((MINE, "tests/test_evaluate.py", "tests/test_objectives.py", "tests/test_planted.py"),
                      ("importance_samples", "iw_bound", "bits_per_dim", "mse", "psnr")),
     # the likelihoods and the posterior: all of it
-    "distributions": Scope(("tests/test_distributions.py", "tests/test_likelihoods.py", "tests/test_objectives.py",
-                            "tests/test_new_likelihood.py", "tests/test_exact8bit.py", "tests/test_planted.py")),
+    "distributions": Scope((MINE, "tests/test_distributions.py", "tests/test_likelihoods.py",
+                            "tests/test_objectives.py", "tests/test_new_likelihood.py", "tests/test_exact8bit.py",
+                            "tests/test_planted.py")),
     # the training checkpoint: weights, optimiser, RNG and training state, written atomically and read back
-    "checkpoint": Scope(("tests/test_faults.py", "tests/test_model.py", "tests/test_planted.py"),
+    "checkpoint": Scope((MINE, *FAULTS, "tests/test_model.py", "tests/test_planted.py"),
                         ("model_bytes", "read_training", "save_model", "save_checkpoint", "has_checkpoint",
                          "load_checkpoint", "_read_state", "_check_optimizer_header", "_file_sha256",
                          "_match_parameter_layout", "_cpu_state", "_optimizer_to_flat", "_optimizer_from_flat",
                          "_rng_state", "_set_rng_state")),
     # the training state and the data order
-    "train": Scope(("tests/test_faults.py", "tests/test_planted.py", "tests/test_precision.py"),
+    "train": Scope((MINE, *FAULTS, "tests/test_planted.py", "tests/test_precision.py"),
                    ("TrainState.*", "Meter.*", "seed_everything", "epoch_order", "batches_per_epoch",
                     "MetricsLog.truncate_after", "Trainer._resume", "Trainer._epoch", "Trainer._batch",
                     "Trainer.guarded_step", "Trainer._sync", "Trainer._save_checkpoint", "Trainer._end_epoch",
                     "_finite", "_step", "_warmup")),
     # the splits
-    "data/cache": Scope(("tests/test_folder.py", "tests/test_celeba.py", "tests/test_planted.py"),
+    "data/cache": Scope((MINE, "tests/test_folder.py", "tests/test_celeba.py", "tests/test_planted.py"),
                         ("seeded_split", "Cache.split_indices")),
     # the evaluation's bounds and units: the likelihood terms, the standard errors, the active units
-    "evaluate": Scope(("tests/test_evaluate.py", "tests/test_planted.py"),
-                      ("_likelihood_terms", "_score", "_report", "_likelihood_figures")),
+    "evaluate": Scope((MINE, "tests/test_evaluate.py", "tests/test_exact8bit.py", "tests/test_planted.py"),
+                      ("_likelihood_terms", "_report", "_likelihood_figures")),
 }
 MODULES = list(SCOPES)
 EQUIVALENTS_DOC = ROOT / "docs" / "mutation-equivalents.md"
 # What mutmut's `results` calls each outcome; killed (and timed out: an infinite loop is caught) count as caught.
 CAUGHT = {"killed", "timeout"}
 
-# Appended to the copy's tests/conftest.py: mutmut runs a mutant's tests in the order of a set; run the fastest
-# first (mutmut's recorded durations are inherited by the forked pytest), so that -x stops a killed mutant early.
+# Appended to the copy's tests/conftest.py. mutmut times only a test's call phase, and runs a mutant's tests in the
+# order of a set. In its stats run, add the set-up and tear-down (fixtures that train a model cost more than the test
+# itself); in a mutant's run, sort the tests cheapest first (the forked pytest inherits mutmut's recorded times), so
+# that -x stops a killed mutant at its cheapest failing test.
 ORDER_HOOK = '''
 
-def pytest_collection_modifyitems(items):
-    """tools/mutate.py: the fastest tests first (mutmut's durations of the clean run), so -x stops early."""
-    try:
+def pytest_runtest_makereport(item, call):
+    """tools/mutate.py: a test's cost is its set-up, call and tear-down."""
+    if call.when != "call" and os.environ.get("MUTANT_UNDER_TEST") == "stats":
         from mutmut.state import state
-    except ImportError:
+        state().duration_by_test[item.nodeid] += call.duration
+
+
+def pytest_collection_modifyitems(items):
+    """tools/mutate.py: the cheapest tests first, so that -x stops early."""
+    if not os.environ.get("MUTANT_UNDER_TEST", "").startswith("facevae."):
         return
+    from mutmut.state import state
     took = state().duration_by_test
-    if took:
-        items.sort(key=lambda item: took.get(item.nodeid, float("inf")))
+    items.sort(key=lambda item: took.get(item.nodeid, float("inf")))
 '''
 
 
 def mutant_patterns(module: str) -> list[str]:
-    """mutmut's mutant-name patterns of the functions in scope (empty: all), e.g. facevae.train.x_epoch_order__mutmut_*."""
+    """mutmut's names of the mutants in scope (none: all), e.g. facevae.train.x_epoch_order__mutmut_*."""
     dotted = "facevae." + module.replace("/", ".")
     patterns = []
     for f in SCOPES[module].functions:
@@ -223,7 +240,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies (for mutmut browse)")
     parser.add_argument("--budget", type=float, help="seconds per module; mutants not reached are reported as such")
     parser.add_argument("--timeout-multiplier", type=float, default=5.0,
-                        help="a mutant times out (caught) after this many times its tests' clean time, plus 1 s")
+                        help="a mutant times out (caught) after this many times (its tests' clean time + 1 s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in SCOPES]
