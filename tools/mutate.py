@@ -89,6 +89,38 @@ CAUGHT = {"killed", "timeout"}
 # that -x stops a killed mutant at its cheapest failing test.
 ORDER_HOOK = '''
 
+
+def _warm_up() -> None:
+    """tools/mutate.py: one tiny training run in mutmut's fork server, so that every forked test process inherits
+    torch's kernels, matplotlib and the lazily imported modules warm (about a second a mutant). The random generators
+    are left as they were. Only where MUTANT_UNDER_TEST is empty: not in the stats run (what it calls would be counted
+    to the first test), not in a mutant's run."""
+    import random
+    import tempfile
+
+    import numpy as np
+
+    from facevae.train import train
+
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = os.environ.get("FACEVAE_CACHE")
+        os.environ["FACEVAE_CACHE"] = tmp
+        train(tiny_config(batch_size=40, epochs=1, image_every=1), Path(tmp) / "run", progress=False)
+        os.environ.pop("FACEVAE_CACHE") if previous is None else os.environ.update(FACEVAE_CACHE=previous)
+    torch.set_rng_state(states[0]), np.random.set_state(states[1]), random.setstate(states[2])
+
+
+import sys  # noqa: E402
+
+if not os.environ.get("MUTANT_UNDER_TEST") and not getattr(sys, "facevae_warm", False):  # once, in the fork server
+    from pathlib import Path
+
+    sys.facevae_warm = True
+    torch.set_num_threads(int(os.environ.get("FACEVAE_TEST_THREADS", "2")))  # no larger thread pool to fork
+    _warm_up()
+
+
 def pytest_runtest_makereport(item, call):
     """tools/mutate.py: a test's cost is its set-up, call and tear-down."""
     if call.when != "call" and os.environ.get("MUTANT_UNDER_TEST") == "stats":
