@@ -395,3 +395,136 @@ def test_pictures_come_every_image_every_epochs_and_at_the_last(tiny, tmp_path, 
     assert pictures == ["samples_e002.png", "samples_e003.png"]
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
     assert [line.split(" | ")[0] for line in lines] == ["epoch 2", "epoch 3"]
+
+
+# ------------------------------------------------------------------ checkpoint: what a damaged one is told apart by
+EXPECTED = {**dataclasses.asdict(TrainState(8)), "scaler": {}}  # what training expects of state.json
+
+
+def _edit_state(cdir: Path, edit) -> None:
+    path = cdir / "state.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(state)))
+
+
+def _without(key):
+    return lambda s: {k: v for k, v in s.items() if k != key}
+
+
+def _with(**values):
+    return lambda s: {**s, **values}
+
+
+SHA = "state.json must give the SHA-256 of exactly model.safetensors, optimizer.safetensors"
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda s: [1, 2], SHA),
+    (_without("sha256"), SHA),
+    (lambda s: {**s, "sha256": {**s["sha256"], "extra": "0" * 64}}, SHA),
+    (lambda s: {**s, "sha256": {"model.safetensors": s["sha256"]["model.safetensors"]}}, SHA),
+    (lambda s: {**s, "sha256": {**s["sha256"], "model.safetensors": "0" * 63}}, SHA),
+    (lambda s: {**s, "sha256": {**s["sha256"], "model.safetensors": 7}}, SHA),
+    (_without("optimizer"), "state.json lacks the optimizer or rng table"),
+    (_without("rng"), "state.json lacks the optimizer or rng table"),
+    (_with(optimizer=[]), "state.json lacks the optimizer or rng table"),
+    (_with(step="abc"), "state.json has step = 'abc'"),
+    (_with(step=-1), "state.json has step = '-1'"),
+    (_with(step=True), "state.json has step = 'True'"),
+    (_with(seconds=float("inf")), "state.json has seconds = 'inf'"),
+    (_with(seconds="1"), "state.json has seconds = '1'"),
+    (_with(sums=[1.0, 2.0]), "state.json has sums = '[1.0, 2.0]'"),
+    (_with(sums=[1.0, 2.0, 3.0, 4.0, False]), "state.json has sums = '[1.0, 2.0, 3.0, 4.0, False]'"),
+    (_with(sums="12345"), "state.json has sums = '12345'"),
+    (_with(scaler=[]), "state.json has scaler = '[]'"),
+    (lambda s: {**s, "sha256": {**s["sha256"], "model.safetensors": "0" * 64}}, "checksum mismatch of model.safetensors"),
+])
+def test_a_damaged_state_json_is_named_with_its_fault(tiny, tmp_path, edit, why):
+    """Each fault of state.json is one DamagedCheckpoint line that names the checkpoint and says what is wrong."""
+    vae, optimizer = _saved(tiny, tmp_path)
+    cdir = tmp_path / "checkpoint"
+    _edit_state(cdir, edit)
+    with pytest.raises(ckpt.DamagedCheckpoint) as caught:
+        ckpt.load_checkpoint(tmp_path, vae, optimizer, expected=EXPECTED)
+    assert str(caught.value) == f"the checkpoint {cdir} is damaged ({why}); delete {cdir} to start over"
+
+
+def test_state_json_faults_that_are_not_json_links_or_too_large(tiny, tmp_path):
+    vae, optimizer = _saved(tiny, tmp_path)
+    cdir = tmp_path / "checkpoint"
+    path = cdir / "state.json"
+    good = path.read_bytes()
+
+    def fault() -> str:
+        with pytest.raises(ckpt.DamagedCheckpoint) as caught:
+            ckpt.load_checkpoint(tmp_path, vae, optimizer, expected=EXPECTED)
+        message = str(caught.value)
+        assert message.startswith(f"the checkpoint {cdir} is damaged (") and message.endswith(
+            f"); delete {cdir} to start over")
+        return message[len(f"the checkpoint {cdir} is damaged ("):-len(f"); delete {cdir} to start over")]
+
+    path.write_bytes(good[:-2] + b"\n\n  x")
+    assert fault() == "state.json: Expecting ',' delimiter: line %d column 3 (char %d)" % (
+        good[:-2].count(b"\n") + 3, len(good) + 2)  # the error on one line
+    path.write_bytes(b'{"a": "\xff"}')
+    assert fault().startswith("state.json: 'utf-8' codec can't decode byte 0xff in position 7")
+    path.write_bytes(b"[" * 200000 + b"]" * 200000)
+    assert fault().startswith("state.json: maximum recursion depth exceeded")
+    path.write_bytes(good + b" " * ((4 << 20) - len(good) + 1))  # one byte over 4 MiB
+    assert fault() == "state.json is a link or too large"
+    path.write_bytes(good + b" " * ((4 << 20) - len(good)))  # 4 MiB exactly: read
+    assert ckpt.load_checkpoint(tmp_path, vae, optimizer, expected=EXPECTED)["step"] == 1
+    (tmp_path / "elsewhere.json").write_bytes(good)
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere.json")
+    assert fault() == "state.json is a link or too large"
+
+
+def test_checkpoint_files_that_are_links_or_wrong_are_named(tiny, tmp_path):
+    vae, optimizer = _saved(tiny, tmp_path)
+    cdir = tmp_path / "checkpoint"
+    good = (cdir / "model.safetensors").read_bytes()
+    (tmp_path / "elsewhere.safetensors").write_bytes(good)
+    (cdir / "model.safetensors").unlink()
+    (cdir / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(ckpt.DamagedCheckpoint, match=rf"^the checkpoint {re.escape(str(cdir))} is damaged \(.*link"):
+        ckpt.load_checkpoint(tmp_path, vae, optimizer, expected=EXPECTED)
+    (cdir / "model.safetensors").unlink()
+    wrong = {k: v.clone() for k, v in vae.state_dict().items()}
+    name = next(k for k, v in wrong.items() if v.dim() == 4)
+    wrong[name] = torch.zeros(1, 1, 1, 1)
+    data = st_save(wrong, metadata=vae.metadata())
+    (cdir / "model.safetensors").write_bytes(data)
+    _edit_state(cdir, lambda s: {**s, "sha256": {**s["sha256"], "model.safetensors": hashlib.sha256(data).hexdigest()}})
+    with pytest.raises(UserError, match=re.escape(str(cdir / "model.safetensors"))):
+        ckpt.load_checkpoint(tmp_path, vae, optimizer, expected=EXPECTED)
+    (tmp_path / "checkpoint").rename(tmp_path / "moved")
+    (tmp_path / "checkpoint").symlink_to(tmp_path / "moved")
+    with pytest.raises(ckpt.DamagedCheckpoint) as caught:
+        ckpt.load_checkpoint(tmp_path, vae, optimizer, expected=EXPECTED)
+    assert str(caught.value) == (f"the checkpoint {cdir} is damaged (it is a link; facevae reads only files inside the "
+                                 f"run); delete {cdir} to start over")
+
+
+def test_a_checkpoint_between_its_two_renames_is_read_from_checkpoint_old(tiny, tmp_path):
+    """save_checkpoint swaps checkpoint.new in by two renames: a crash between them leaves checkpoint.old alone."""
+    vae, optimizer = _saved(tiny, tmp_path)
+    assert ckpt.has_checkpoint(tmp_path)
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    assert ckpt.has_checkpoint(tmp_path)
+    assert ckpt.load_checkpoint(tmp_path, vae, optimizer, expected=EXPECTED)["step"] == 1
+    (tmp_path / "checkpoint.old" / "state.json").unlink()
+    assert not ckpt.has_checkpoint(tmp_path)
+
+
+def test_a_missing_state_key_takes_its_default_and_model_bytes_are_written_as_given(tiny, tmp_path):
+    """A state.json from before a key existed loads (the key takes the new run's value); save_checkpoint writes the
+    model bytes it is handed (the epoch's end serialises the weights once) into a run folder it creates."""
+    vae, optimizer = _saved(tiny, tmp_path)
+    _edit_state(tmp_path / "checkpoint", _without("seen"))
+    assert "seen" not in ckpt.load_checkpoint(tmp_path, vae, optimizer, expected=EXPECTED)
+    run = tmp_path / "new" / "run"
+    data = ckpt.model_bytes(vae, training={"step": 1, "epoch": 0, "epochs": 1, "finished": False})
+    ckpt.save_checkpoint(run, vae, optimizer, {"step": 1}, model=data)
+    assert (run / "checkpoint" / "model.safetensors").read_bytes() == data
+    assert not (run / "checkpoint.new").exists() and not (run / "checkpoint.old").exists()

@@ -60,13 +60,13 @@ SCOPES: dict[str, Scope] = {
                             "tests/test_objectives.py", "tests/test_new_likelihood.py", "tests/test_exact8bit.py",
                             "tests/test_planted.py")),
     # the training checkpoint: weights, optimiser, RNG and training state, written atomically and read back
-    "checkpoint": Scope((MINE, *FAULTS, "tests/test_model.py", "tests/test_planted.py"),
+    "checkpoint": Scope((MINE, *FAULTS, "tests/test_model.py", "tests/test_planted.py", "tests/test_safety.py"),
                         ("model_bytes", "read_training", "save_model", "save_checkpoint", "has_checkpoint",
                          "load_checkpoint", "_read_state", "_check_optimizer_header", "_file_sha256",
                          "_match_parameter_layout", "_cpu_state", "_optimizer_to_flat", "_optimizer_from_flat",
                          "_rng_state", "_set_rng_state")),
     # the training state and the data order
-    "train": Scope((MINE, *FAULTS, "tests/test_planted.py", "tests/test_precision.py"),
+    "train": Scope((MINE, *FAULTS, "tests/test_planted.py", "tests/test_precision.py", "tests/test_safety.py"),
                    ("TrainState.*", "Meter.*", "seed_everything", "epoch_order", "batches_per_epoch",
                     "MetricsLog.truncate_after", "Trainer._resume", "Trainer._epoch", "Trainer._batch",
                     "Trainer.guarded_step", "Trainer._sync", "Trainer._save_checkpoint", "Trainer._end_epoch",
