@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors.torch import save as st_save
 from facevae import checkpoint as ckpt
 from facevae import evaluate as ev
 from facevae.data.cache import Cache, seeded_split
-from facevae.distributions import DiagonalGaussian, Gaussian
+from facevae.distributions import Bernoulli, ContinuousBernoulli, DiagonalGaussian, DiscretizedLogistic, Gaussian
 from facevae.metrics import importance_samples
 from facevae.errors import UserError
 from facevae.model import VAE
@@ -528,3 +529,49 @@ def test_a_missing_state_key_takes_its_default_and_model_bytes_are_written_as_gi
     ckpt.save_checkpoint(run, vae, optimizer, {"step": 1}, model=data)
     assert (run / "checkpoint" / "model.safetensors").read_bytes() == data
     assert not (run / "checkpoint.new").exists() and not (run / "checkpoint.old").exists()
+
+
+# ------------------------------------------------------------------ distributions: sampling
+N_DRAWS = 40000
+
+
+def test_discretized_logistic_samples_follow_its_256_probabilities():
+    """Each level k/255 is drawn with the probability log_prob gives it (the bins' masses); only grid values."""
+    mu = torch.tensor([0.0, 0.3, 0.5, 0.998]).repeat(N_DRAWS, 1)
+    log_scale = torch.log(torch.tensor([0.02, 0.01, 0.004, 0.05])).repeat(N_DRAWS, 1)
+    torch.manual_seed(0)
+    x = DiscretizedLogistic(mu[:, :, None, None], log_scale[:, :, None, None]).sample().reshape(N_DRAWS, 4)
+    levels = x * 255
+    assert torch.equal(levels, levels.round()) and x.min() >= 0 and x.max() <= 1
+    grid = torch.arange(256.0) / 255
+    for i in range(4):
+        lik = DiscretizedLogistic(mu[:256, i].reshape(256, 1, 1, 1), log_scale[:256, i].reshape(256, 1, 1, 1))
+        p = lik.log_prob(grid.reshape(256, 1, 1, 1)).exp()  # P(k) of each level
+        freq = torch.bincount(levels[:, i].round().long(), minlength=256).float() / N_DRAWS
+        assert (freq - p).abs().max() < 5 * (p.max() / N_DRAWS) ** 0.5 + 1e-3, i
+
+
+def test_bernoulli_and_gaussian_samples_have_their_means_and_spreads():
+    torch.manual_seed(0)
+    logits = torch.tensor([-2.0, 0.0, 3.0]).repeat(N_DRAWS, 1)
+    x = Bernoulli(logits).sample()
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    assert torch.allclose(x.mean(0), torch.sigmoid(logits[0]), atol=0.01)
+    mu = torch.tensor([0.2, 0.5, 0.9]).repeat(N_DRAWS, 1)
+    g = Gaussian(mu, torch.log(torch.tensor([0.1, 0.3, 0.05]))).sample()
+    assert torch.allclose(g.mean(0), mu[0], atol=0.01)
+    assert torch.allclose(g.std(0), torch.tensor([0.1, 0.3, 0.05]), rtol=0.03)
+    with pytest.raises(ValueError, match="relative to data"):
+        Gaussian(mu, optimal="batch").sample()
+
+
+@pytest.mark.parametrize("eta", [-30.0, -3.0, -1e-7, 0.0, 2e-7, 0.5, 4.0, 40.0])
+def test_continuous_bernoulli_samples_follow_its_cdf(eta):
+    """The empirical CDF of the samples is F(x) = expm1(eta x) / expm1(eta) (x for eta = 0), on either side of 0 and
+    for large |eta|, and every sample lies in [0, 1]."""
+    torch.manual_seed(0)
+    x = ContinuousBernoulli(torch.full((N_DRAWS,), eta)).sample().double()
+    assert x.min() >= 0 and x.max() <= 1
+    for q in (0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99):
+        exact = q if abs(eta) < 1e-6 else math.expm1(eta * q) / math.expm1(eta)
+        assert (x <= q).double().mean().item() == pytest.approx(exact, abs=0.01), q
