@@ -8,9 +8,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
+import signal
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,9 +27,9 @@ from facevae import evaluate as ev
 from facevae.data.cache import Cache, seeded_split
 from facevae.distributions import Bernoulli, ContinuousBernoulli, DiagonalGaussian, DiscretizedLogistic, Gaussian
 from facevae.metrics import importance_samples
-from facevae.errors import UserError
+from facevae.errors import Interrupted, UserError
 from facevae.model import VAE
-from facevae.train import Trainer, TrainState, _warmup, batches_per_epoch, train
+from facevae.train import Meter, Trainer, TrainState, _warmup, batches_per_epoch, train
 
 
 class _LinearGaussianModel:
@@ -95,18 +98,42 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("stop_at", [1, 8])  # inside the first epoch (before any checkpoint), inside the second
-def test_a_run_stopped_and_resumed_in_process_is_bit_identical(reference_run, tmp_path, stop_at):
-    """The in-process twin of the SIGKILL test (mutants never reach a subprocess): stop at max_steps, leave what a
-    crash leaves (a record past the checkpoint, a half-written line), resume: the same weights, optimiser state and
-    records as the uninterrupted run, which needs the data order, the RNG state, the optimiser, the position in the
-    epoch and the epoch's running sums all restored."""
+@pytest.mark.parametrize("stop_at, how", [(1, "max_steps"), (8, "max_steps"), (3, "SIGTERM"), (6, "SIGINT")])
+def test_a_run_stopped_and_resumed_in_process_is_bit_identical(reference_run, tmp_path, monkeypatch, capsys, stop_at,
+                                                              how):
+    """The in-process twin of the signal tests (mutants never reach a subprocess): stop at max_steps or on a signal
+    (inside the first epoch, before any periodic checkpoint, or inside the second), leave what a crash leaves (a
+    record past the checkpoint, a half-written line), resume: the same weights, optimiser state and records as the
+    uninterrupted run, which needs the data order, the RNG state, the optimiser, the position in the epoch and the
+    epoch's running sums all restored."""
     run = tmp_path / "run"
-    train(_tiny_run(max_steps=stop_at), run, progress=False)
+    if how == "max_steps":
+        train(_tiny_run(max_steps=stop_at), run, progress=False)
+    else:
+        steps, original = [], Trainer.guarded_step
+
+        def signalling(self, *args):
+            steps.append(1)
+            if len(steps) == stop_at:
+                os.kill(os.getpid(), getattr(signal, how))  # the handler asks the loop to stop after this step
+            return original(self, *args)
+
+        monkeypatch.setattr(Trainer, "guarded_step", signalling)
+        before = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(Interrupted) as stopped:
+            train(_tiny_run(), run, progress=False)
+        assert stopped.value.exit_status == {"SIGINT": 130, "SIGTERM": 143}[how]
+        assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
+        assert f"stopped by {how} at step {stop_at}; checkpoint saved. Resume with: facevae train --out {run}" in \
+            capsys.readouterr().err
+        monkeypatch.setattr(Trainer, "guarded_step", original)
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == stop_at
+    assert ckpt.read_training(run / "model.safetensors") == {"step": stop_at, "epoch": stop_at // 5, "epochs": 2,
+                                                            "finished": how == "max_steps"}
     with (run / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"kind": "step", "step": stop_at + 1}) + '\n{"kind": "st')
     record = train(_tiny_run(), run, progress=False)
+    assert "dropped 1 damaged line(s)" in capsys.readouterr().err
     assert record["step"] == 10 and record["epoch"] == 2
     for name in ("model.safetensors", "checkpoint/model.safetensors", "checkpoint/optimizer.safetensors"):
         a, b = load_file(str(reference_run / name)), load_file(str(run / name))
@@ -575,3 +602,34 @@ def test_continuous_bernoulli_samples_follow_its_cdf(eta):
     for q in (0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99):
         exact = q if abs(eta) < 1e-6 else math.expm1(eta * q) / math.expm1(eta)
         assert (x <= q).double().mean().item() == pytest.approx(exact, abs=0.01), q
+
+
+def test_each_rank_takes_its_slice_of_the_global_batch_and_of_its_noise(tiny):
+    """Step b of rank r of k: images order[b*B*k : (b+1)*B*k][r*B : (r+1)*B], flips and noise drawn for the whole
+    global batch (the RNGs of the ranks stay in step) and sliced the same way (Trainer._batch on a fake world)."""
+    images = torch.randint(0, 256, (40, 1, 32, 32), dtype=torch.uint8)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    config = tiny(hflip=True, latent_dim=3)
+    for rank in (0, 1):
+        me = SimpleNamespace(config=config, world=SimpleNamespace(rank=rank, size=2), device=torch.device("cpu"),
+                             state=SimpleNamespace(global_batch=8), train_images=images)
+        torch.manual_seed(5)
+        x, eps, count = Trainer._batch(me, order, 2)
+        torch.manual_seed(5)
+        flip, noise = torch.rand(8) < 0.5, torch.randn(8, 3)
+        mine = slice(4 * rank, 4 * rank + 4)
+        raw = images[order[16:24][mine]].float() / 255
+        assert count == 8 and torch.equal(eps, noise[mine])
+        assert torch.equal(x, torch.where(flip[mine].view(-1, 1, 1, 1), raw.flip(-1), raw))
+        assert 0 < int(flip[mine].sum()) < 4 or rank == 1  # both flipped and kept images among rank 0's
+
+
+def test_epoch_means_are_averaged_over_the_processes():
+    """Meter.means: the sums of all processes (world.sum), over the processes and the good steps."""
+    state = TrainState(8, count=4)
+    meter = Meter(state, torch.device("cpu"))
+    meter.sums = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.0])
+    world = SimpleNamespace(size=2, sum=lambda t: t * 3)  # the other process's sums are twice ours
+    assert meter.means(state, world) == dict(zip(("loss", "elbo", "recon", "kl", "psnr_sampled"),
+                                                 [3.0, 1.5, 0.75, 0.375, 0.0]))
+    assert Meter(TrainState(8), torch.device("cpu")).means(TrainState(8), world)["loss"] == 0.0  # no good step
