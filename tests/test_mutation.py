@@ -633,3 +633,64 @@ def test_epoch_means_are_averaged_over_the_processes():
     assert meter.means(state, world) == dict(zip(("loss", "elbo", "recon", "kl", "psnr_sampled"),
                                                  [3.0, 1.5, 0.75, 0.375, 0.0]))
     assert Meter(TrainState(8), torch.device("cpu")).means(TrainState(8), world)["loss"] == 0.0  # no good step
+
+
+# ------------------------------------------------------------------ distributions: edges of the formulas
+def test_log1mexp_is_accurate_near_zero_and_far_below():
+    from facevae.distributions import _log1mexp
+
+    d = torch.tensor([-1e-8, -1e-3, -0.5, -0.7, -5.0, -40.0])
+    exact = torch.tensor([math.log(-math.expm1(v)) for v in d.tolist()])
+    assert torch.allclose(_log1mexp(d), exact, rtol=1e-6, atol=1e-12)
+
+
+def test_continuous_bernoulli_normaliser_near_its_taylor_switch():
+    """log C(eta) = log(eta / tanh(eta / 2)) on both sides of |eta| = 0.01, where the Taylor series takes over (its
+    t^4 term included: float64, 1e-13)."""
+    for eta in (-0.0099, -0.005, 0.0049, 0.0099, 0.0101, 0.5):
+        got = ContinuousBernoulli(torch.tensor([eta], dtype=torch.float64)).log_normalizer().item()
+        assert got == pytest.approx(math.log(eta / math.tanh(eta / 2)), abs=1e-13), eta
+
+
+def test_discretized_logistic_mean_far_outside_the_unit_interval_and_in_colour():
+    """A location far below 0 or above 1 with a sharp scale puts all the mass on level 0 or 255; the decoder's raw
+    output holds a location and a log-scale per channel (3 channels)."""
+    lik = DiscretizedLogistic(torch.tensor([-0.3, 1.3, 1.1]), torch.log(torch.tensor([1e-3, 1e-3, 2e-3])))
+    assert torch.allclose(lik.mean, torch.tensor([0.0, 1.0, 1.0]), atol=1e-7)
+    raw = torch.randn(2, 6, 4, 4)
+    settings = SimpleNamespace(sigma=1.0, min_sigma=1e-3)
+    colour = DiscretizedLogistic.from_decoder(raw, None, settings, training=True)
+    assert torch.allclose(colour.mu, torch.sigmoid(raw[:, :3])) and torch.allclose(colour.log_scale, raw[:, 3:])
+
+
+def test_optimal_sigma_decoders_train_at_the_optimum_and_evaluate_at_the_running_sigma():
+    """Training: sigma* = sqrt(mean squared error), clamped below at min_sigma, so log p = -D/2 - D log sigma* -
+    D/2 log 2 pi; evaluation: the running estimate (0 before any batch), which starts as the mean of the first 100
+    batches' optima and then moves by 1% a batch."""
+    from facevae.distributions import GaussianOptimal, RunningSigma
+
+    settings = SimpleNamespace(sigma=1.0, min_sigma=0.2)
+    raw = torch.zeros(1, 1, 4, 4)  # mu = 1/2
+    x = torch.full((1, 1, 4, 4), 0.5)
+    x[..., 0, 0] = 0.9  # squared error 0.16 on one pixel of 16: sigma* = 0.1, clamped at 0.2
+    running = RunningSigma()
+    assert running.running_log_sigma.item() == 0.0 and running.running_count.item() == 0
+    lik = GaussianOptimal.from_decoder(raw, running, settings, training=True)
+    d = 16
+    expected = -0.5 * 0.16 / 0.04 - d * (math.log(0.2) + 0.5 * math.log(2 * math.pi))
+    assert lik.log_prob(x).item() == pytest.approx(expected, rel=1e-5)
+    assert GaussianOptimal.from_decoder(raw, running, settings, training=False).log_sigma.item() == 0.0
+    batches = [0.5 * math.log(v) for v in torch.linspace(0.01, 0.05, 103).tolist()]
+    for i, b in enumerate(batches):
+        running.update(torch.zeros(1), torch.full((1,), math.exp(b)))
+        if i in (0, 1, 99):
+            assert running.running_log_sigma.item() == pytest.approx(sum(batches[:i + 1]) / (i + 1), abs=1e-6)
+    expect = sum(batches[:100]) / 100
+    for b in batches[100:]:
+        expect += 0.01 * (b - expect)
+    assert running.running_log_sigma.item() == pytest.approx(expect, abs=1e-6) and running.running_count.item() == 103
+
+
+def test_a_likelihood_without_an_8bit_probability_says_which():
+    with pytest.raises(NotImplementedError, match="^Bernoulli has no 8-bit probability$"):
+        Bernoulli(torch.zeros(1, 1, 2, 2)).log_prob_8bit(torch.zeros(1, 1, 2, 2))
