@@ -46,7 +46,8 @@ tutorial: install
 	$(PY) docs/make_tutorial.py
 
 # Mutation testing (mutmut, the `mutate` extra) of the likelihoods, bounds, training state, atomic writes, checkpoints
-# and splits, each module in a temporary copy with the tests that cover it: MODULES="fileio metrics" for some of them.
+# and splits, each module in a temporary copy with the in-process tests that cover it (the scope of each, and the
+# equivalent mutants, in docs/mutation-equivalents.md): MODULES="fileio metrics" for some of them.
 MODULES ?=
 MUTATE_ARGS ?=  # e.g. --budget 600: seconds per module, the mutants not reached are reported as not checked
 mutate: install

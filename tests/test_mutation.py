@@ -25,7 +25,8 @@ from safetensors.torch import save as st_save
 from facevae import checkpoint as ckpt
 from facevae import evaluate as ev
 from facevae.data.cache import Cache, seeded_split
-from facevae.distributions import Bernoulli, ContinuousBernoulli, DiagonalGaussian, DiscretizedLogistic, Gaussian
+from facevae.distributions import (Bernoulli, ContinuousBernoulli, DiagonalGaussian, DiscretizedLogistic,
+                                   Gaussian)
 from facevae.metrics import importance_samples
 from facevae.errors import Interrupted, UserError
 from facevae.model import VAE
@@ -465,7 +466,8 @@ SHA = "state.json must give the SHA-256 of exactly model.safetensors, optimizer.
     (_with(sums=[1.0, 2.0, 3.0, 4.0, False]), "state.json has sums = '[1.0, 2.0, 3.0, 4.0, False]'"),
     (_with(sums="12345"), "state.json has sums = '12345'"),
     (_with(scaler=[]), "state.json has scaler = '[]'"),
-    (lambda s: {**s, "sha256": {**s["sha256"], "model.safetensors": "0" * 64}}, "checksum mismatch of model.safetensors"),
+    (lambda s: {**s, "sha256": {**s["sha256"], "model.safetensors": "0" * 64}},
+     "checksum mismatch of model.safetensors"),
 ])
 def test_a_damaged_state_json_is_named_with_its_fault(tiny, tmp_path, edit, why):
     """Each fault of state.json is one DamagedCheckpoint line that names the checkpoint and says what is wrong."""
@@ -709,3 +711,158 @@ def test_optimizer_state_round_trips_through_tensors_and_json():
         assert back["state"][i].keys() == entry.keys()
         for k, v in entry.items():
             assert torch.equal(back["state"][i][k], v) if torch.is_tensor(v) else back["state"][i][k] == v
+
+
+def test_gaussian_defaults_to_unit_sigma_and_says_why_it_cannot_sample():
+    """Gaussian(mu) is N(mu, 1) per pixel; an optimal-sigma one refuses to sample, saying why."""
+    mu, x = torch.zeros(1, 1, 2, 2), torch.tensor([[[[0.5, -1.0], [2.0, 0.0]]]])
+    expected = -0.5 * (0.25 + 1 + 4) - 4 * 0.5 * math.log(2 * math.pi)
+    assert Gaussian(mu).log_prob(x).item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError) as refused:
+        Gaussian(mu, optimal="image").sample()
+    assert str(refused.value) == "an optimal-sigma Gaussian has a sigma only relative to data; use .mean"
+
+
+def test_discretized_logistic_scale_is_clamped_at_the_configured_min_sigma():
+    raw = torch.full((1, 2, 2, 2), -20.0)  # log-scale far below any minimum
+    lik = DiscretizedLogistic.from_decoder(raw, None, SimpleNamespace(sigma=1.0, min_sigma=0.05), training=True)
+    assert torch.allclose(lik.log_scale, torch.full((1, 1, 2, 2), math.log(0.05)))
+
+
+def test_one_wide_bin_among_narrow_ones_gets_its_own_mass():
+    """The 8-bit Gaussian mass with exactly one open edge bin (level 0) among narrow mid-grey bins: each pixel its
+    exact mass Phi(b) - Phi(a), the edge bin's open to -inf (not the narrow-bin series)."""
+    from facevae.distributions import gaussian_bin_log_mass
+
+    x = torch.full((1, 1, 2, 2), 128 / 255, dtype=torch.float64)
+    x[0, 0, 0, 0] = 0.0
+    mu, sigma = torch.full_like(x, 0.3), 0.2
+    got = gaussian_bin_log_mass(x, mu, torch.tensor(math.log(sigma), dtype=torch.float64))
+
+    def phi(v: float) -> float:
+        return 0.5 * math.erfc(-v / math.sqrt(2))
+
+    edge = math.log(phi((1 / 256 - 0.3) / sigma))
+    mid = math.log(phi((129 / 256 - 0.3) / sigma) - phi((128 / 256 - 0.3) / sigma))
+    assert got[0, 0, 0, 0].item() == pytest.approx(edge, rel=1e-9)
+    assert torch.allclose(got.flatten()[1:], torch.tensor(mid, dtype=torch.float64), rtol=1e-9)
+
+
+def test_sums_are_taken_in_float32_at_least():
+    """A bfloat16 network's terms are summed in float32: 300 ones sum to 300 (in bfloat16 they stop at 256)."""
+    from facevae.distributions import Likelihood, _sum_per_item
+
+    total = _sum_per_item(torch.ones(2, 3, 10, 10, dtype=torch.bfloat16))
+    assert total.dtype == torch.float32 and total.tolist() == [300.0, 300.0]
+    assert _sum_per_item(torch.ones(1, 3, dtype=torch.float64)).dtype == torch.float64
+
+    class NoBins(Likelihood):  # a likelihood that says its support has no 8-bit bins
+        support = "none"
+
+        def log_prob_8bit(self, x):
+            return x
+
+    assert not NoBins.has_8bit() and Bernoulli.has_8bit() is False and DiscretizedLogistic.has_8bit()
+
+
+def test_posterior_samples_are_drawn_on_its_device():
+    """The noise is drawn where the posterior lives (the meta device stands in for a GPU here)."""
+    posterior = DiagonalGaussian(torch.zeros(3, 2, device="meta"), torch.zeros(3, 2, device="meta"))
+    assert posterior.sample().device.type == "meta" and posterior.sample(4).shape == (4, 3, 2)
+
+
+def test_posterior_log_variance_is_clamped_to_its_bounds():
+    """logvar is clamped to [-30, 20] (exp stays finite in float32 early in training)."""
+    posterior = DiagonalGaussian(torch.zeros(1, 3), torch.tensor([[-100.0, 0.5, 100.0]]))
+    assert posterior.logvar.tolist() == [[-30.0, 0.5, 20.0]]
+    assert torch.isfinite(posterior.std).all() and torch.isfinite(posterior.kl()).all()
+
+
+def test_an_optimizer_file_fault_names_the_checkpoint_and_cuts_long_names(tiny, tmp_path):
+    """The message names the checkpoint, the tensor's name up to 80 characters and the shape's first 4 sizes."""
+    vae, optimizer = _saved(tiny, tmp_path)
+    cdir = tmp_path / "checkpoint"
+    name = "rng." + "x" * 100
+    data = st_save({**load_file(str(cdir / "optimizer.safetensors")), name: torch.zeros(1, 1, 1, 1, 2)})
+    (cdir / "optimizer.safetensors").write_bytes(data)
+    _edit_state(cdir, lambda s: {**s, "sha256": {**s["sha256"],
+                                                 "optimizer.safetensors": hashlib.sha256(data).hexdigest()}})
+    with pytest.raises(ckpt.DamagedCheckpoint) as caught:
+        ckpt.load_checkpoint(tmp_path, vae, optimizer)
+    assert str(caught.value) == (f"the checkpoint {cdir} is damaged (optimizer.safetensors holds {name[:80]!r} "
+                                 f"(1, 1, 1, 1)); delete {cdir} to start over")
+
+
+def test_a_crash_between_the_two_renames_leaves_the_previous_checkpoint_loadable(tiny, tmp_path, monkeypatch):
+    """save_checkpoint moves the current checkpoint to checkpoint.old, then checkpoint.new in its place: killed
+    between the two, the previous one is read from checkpoint.old."""
+    vae, optimizer = _saved(tiny, tmp_path)  # step 1
+    real = os.replace
+
+    def crash(src, dst):
+        if Path(src).name == "checkpoint.new":
+            raise OSError("killed between the renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="killed between"):
+        ckpt.save_checkpoint(tmp_path, vae, optimizer, {"step": 2})
+    monkeypatch.setattr(os, "replace", real)
+    assert not (tmp_path / "checkpoint").exists()
+    assert ckpt.load_checkpoint(tmp_path, vae, optimizer)["step"] == 1
+
+
+def test_saving_over_a_checkpoint_and_a_stale_old_one_leaves_one_checkpoint(tiny, tmp_path):
+    """A second save replaces the first and removes checkpoint.old; a checkpoint.old a crash left behind is
+    replaced too (a rename onto it would fail)."""
+    vae, optimizer = _saved(tiny, tmp_path)
+    (tmp_path / "checkpoint.old").mkdir()
+    (tmp_path / "checkpoint.old" / "state.json").write_text("{}")
+    ckpt.save_checkpoint(tmp_path, vae, optimizer, {"step": 2})
+    ckpt.save_checkpoint(tmp_path, vae, optimizer, {"step": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    assert ckpt.load_checkpoint(tmp_path, vae, optimizer)["step"] == 3
+
+
+def test_state_json_errors_are_cut_at_160_characters_and_other_types_are_not_checked(tiny, tmp_path):
+    """A state.json that cannot be read gives its error on one line, cut at 160 characters; an expected key whose
+    type the loader has no check for (a string here) is taken as it is."""
+    deep = tmp_path / ("d" * 100) / ("e" * 100)
+    deep.mkdir(parents=True)
+    with pytest.raises(ckpt.DamagedCheckpoint) as caught:
+        ckpt._read_state(deep, {})
+    error = f"[Errno 2] No such file or directory: '{deep / 'state.json'}'"
+    assert str(caught.value) == (f"the checkpoint {deep} is damaged (state.json: {error[:160]}); delete {deep} to "
+                                 f"start over")
+    vae, optimizer = _saved(tiny, tmp_path)
+    _edit_state(tmp_path / "checkpoint", _with(note=7))
+    assert ckpt.load_checkpoint(tmp_path, vae, optimizer, expected={"note": "text"})["note"] == 7
+
+
+def test_a_checkpoint_file_that_is_not_safetensors_is_named_and_long_values_are_cut(tiny, tmp_path):
+    vae, optimizer = _saved(tiny, tmp_path)
+    cdir = tmp_path / "checkpoint"
+    data = b"\x08\x00\x00\x00\x00\x00\x00\x00not json"
+    (cdir / "optimizer.safetensors").write_bytes(data)
+    _edit_state(cdir, lambda s: {**s, "sha256": {**s["sha256"],
+                                                 "optimizer.safetensors": hashlib.sha256(data).hexdigest()}})
+    with pytest.raises(ckpt.DamagedCheckpoint) as caught:
+        ckpt.load_checkpoint(tmp_path, vae, optimizer)
+    assert re.fullmatch(rf"the checkpoint {re.escape(str(cdir))} is damaged \(.*optimizer\.safetensors.+\); delete "
+                        rf"{re.escape(str(cdir))} to start over", str(caught.value)), str(caught.value)
+    vae, optimizer = _saved(tiny, tmp_path)
+    _edit_state(cdir, _with(step="x" * 60))
+    with pytest.raises(ckpt.DamagedCheckpoint, match=r"\(state\.json has step = 'x{40}'\)"):
+        ckpt.load_checkpoint(tmp_path, vae, optimizer, expected=EXPECTED)
+
+
+def test_a_state_json_that_breaks_the_restore_is_named_with_the_error(tiny, tmp_path):
+    """An error while restoring (here an optimiser scalar whose index is no number) is one line: the error's type
+    and text, its whitespace squeezed, cut at 160 characters."""
+    vae, optimizer = _saved(tiny, tmp_path)
+    cdir = tmp_path / "checkpoint"
+    _edit_state(cdir, lambda s: {**s, "optimizer": {**s["optimizer"], "scalars": {"y" * 200 + ".k": 1}}})
+    with pytest.raises(ckpt.DamagedCheckpoint) as caught:
+        ckpt.load_checkpoint(tmp_path, vae, optimizer)
+    why = " ".join(f"invalid literal for int() with base 10: '{'y' * 200}'".split())[:160]
+    assert str(caught.value) == f"the checkpoint {cdir} is damaged (ValueError: {why}); delete {cdir} to start over"

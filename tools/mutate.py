@@ -2,12 +2,16 @@
 `python tools/mutate.py fileio metrics` for some of them. Prints the score per module and lists the survivors.
 
 Each module is mutated by mutmut 3 in its own temporary copy of the project (src/, tests/, pyproject.toml with a
-[tool.mutmut] section naming that module and the tests that cover it), so the working tree is never touched. mutmut
-runs, for each mutant, only the selected tests that reach the mutated function, in a forked pytest; the copy's
-conftest runs them fastest first (timed by mutmut's own clean run), so that `-x` stops at the first, cheapest
-failure. The functions in scope are listed per module (SCOPES); the mutants of the others are counted and reported
-as out of scope, with the reason in docs/mutation-equivalents.md. Equivalent mutants are listed, with the reason,
-in the same file; the score here counts them as survivors (nothing is excluded silently).
+[tool.mutmut] section naming that module and the tests that cover it), so the working tree is never touched. Only
+the functions in scope (SCOPES) are mutated; the others' mutants are counted and reported as out of scope, with the
+reason in docs/mutation-equivalents.md. mutmut runs, for each mutant, the selected tests that reach the mutated
+function, in a pytest forked from its fork server. What makes that fast enough here (each measured): the copy's
+conftest runs them cheapest first (set-up included, from mutmut's stats run), so that -x stops at the cheapest
+failing test; it warms torch, matplotlib and the lazy imports with one tiny training run in the fork server, which
+every forked test process inherits (one thread: a larger OpenMP pool does not survive a fork); pytest's
+unraisableexception plugin, whose gc at exit took 0.8 s a mutant, is off; only in-process tests are selected.
+Equivalent mutants are listed, with the reason, in docs/mutation-equivalents.md; the score counts them as survivors
+(nothing is excluded silently) and a second score sets them aside.
 The score is caught / checked; with --budget, mutants not reached in time are counted apart as not checked.
 """
 
