@@ -128,7 +128,10 @@ def test_a_run_stopped_and_resumed_in_process_is_bit_identical(reference_run, tm
         assert f"stopped by {how} at step {stop_at}; checkpoint saved. Resume with: facevae train --out {run}" in \
             capsys.readouterr().err
         monkeypatch.setattr(Trainer, "guarded_step", original)
-    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == stop_at
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    assert state["step"] == stop_at and "scaler" in state  # the loss scaler's state too (fp16)
+    # the stop's checkpoint and model file are the same serialised weights, with the same progress note
+    assert (run / "checkpoint" / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
     assert ckpt.read_training(run / "model.safetensors") == {"step": stop_at, "epoch": stop_at // 5, "epochs": 2,
                                                             "finished": how == "max_steps"}
     with (run / "metrics.jsonl").open("a") as f:
