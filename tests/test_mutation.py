@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -869,3 +870,14 @@ def test_a_state_json_that_breaks_the_restore_is_named_with_the_error(tiny, tmp_
         ckpt.load_checkpoint(tmp_path, vae, optimizer)
     why = " ".join(f"invalid literal for int() with base 10: '{'y' * 200}'".split())[:160]
     assert str(caught.value) == f"the checkpoint {cdir} is damaged (ValueError: {why}); delete {cdir} to start over"
+
+
+@pytest.mark.parametrize("code, why", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "Permission denied")])
+def test_a_checkpoint_that_cannot_be_written_says_why(tiny, tmp_path, monkeypatch, code, why):
+    def failing(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", failing)
+    with pytest.raises(UserError) as caught:
+        train(tiny(batch_size=40, epochs=1, checkpoint_every=1), tmp_path / "run", progress=False)
+    assert f"could not write a checkpoint at step 1 ({why}); the previous checkpoint" in str(caught.value)
