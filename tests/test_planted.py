@@ -184,7 +184,8 @@ def test_atomic_write_that_cannot_open_its_temp_file_raises_that_error(tmp_path,
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(fileio, "open", refused, raising=False)
-    with pytest.raises(PermissionError):
-        fileio.atomic_write(tmp_path / "x.json", "{}")
+    with monkeypatch.context() as m:
+        m.setattr(fileio.os, "open", refused)
+        with pytest.raises(PermissionError):
+            fileio.atomic_write(tmp_path / "x.json", "{}")
     assert list(tmp_path.iterdir()) == []

@@ -647,3 +647,51 @@ def test_a_runs_own_pictures_drawn_before_the_mark_are_replaced_and_nothing_else
     assert main(["reconstruct", str(run), "-n", "4"]) == 2
     assert "facevae did not write it" in one_line(capsys)
     assert (run / "images" / "reconstruct.png").read_bytes() == b"not a picture"
+
+
+def test_atomic_write_never_touches_a_file_or_link_at_its_temporary_name(tmp_path):
+    """The temporary is created new (O_EXCL, O_NOFOLLOW): a file, or a link to a precious file, already at the
+    first temporary name is passed over, neither truncated nor removed."""
+    from facevae.fileio import atomic_write
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    taken = [tmp_path / f".out.json.tmp-{os.getpid()}{n}" for n in ("", "-0")]  # the old name and the first new one
+    for link in taken:
+        link.symlink_to(precious)
+    atomic_write(tmp_path / "out.json", "{}")
+    assert (tmp_path / "out.json").read_text() == "{}"
+    assert all(link.is_symlink() for link in taken) and precious.read_text() == "keep me"
+
+
+def test_checkpoint_folders_holding_other_files_are_never_removed(tmp_path, capsys):
+    """save_checkpoint removes checkpoint.new and checkpoint.old only when they hold nothing but its own files."""
+    vae = VAE(tiny_config())
+    opt = torch.optim.Adam(vae.parameters())
+    ckpt.save_checkpoint(tmp_path, vae, opt, {"step": 1})
+    ckpt.save_checkpoint(tmp_path, vae, opt, {"step": 2})  # its own checkpoint.old is removed
+    assert not (tmp_path / "checkpoint.old").exists()
+    mine = tmp_path / "checkpoint.new"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write"):
+        ckpt.save_checkpoint(tmp_path, vae, opt, {"step": 3})
+    assert (mine / "notes.txt").read_text() == "mine"
+    mine.rename(tmp_path / "elsewhere")
+    (tmp_path / "checkpoint.old").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="a link or a file"):
+        ckpt.save_checkpoint(tmp_path, vae, opt, {"step": 3})
+    assert (tmp_path / "elsewhere" / "notes.txt").read_text() == "mine"
+
+
+def test_an_aborted_cache_keeps_files_it_did_not_write(tmp_path):
+    """A failed prepare removes its partial cache, but not a file somebody put there meanwhile."""
+    from facevae.data.cache import CacheWriter
+
+    writer = CacheWriter(tmp_path / "c", count=2, channels=1, size=4)
+    (tmp_path / "c.partial" / "mine.txt").write_text("mine")
+    writer.abort()
+    assert (tmp_path / "c.partial" / "mine.txt").read_text() == "mine"
+    clean = CacheWriter(tmp_path / "d", count=2, channels=1, size=4)
+    clean.abort()
+    assert not (tmp_path / "d.partial").exists()

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from safetensors.torch import save as st_save
 
 from facevae.config import Config
 from facevae.errors import UserError
-from facevae.fileio import atomic_write, fsync_path
+from facevae.fileio import atomic_write, fsync_path, remove_own_dir
 from facevae.model import MAX_PARAMETERS, VAE, expected_state
 
 MODEL_FILE = "model.safetensors"
@@ -198,7 +197,7 @@ def save_checkpoint(run_dir: Path, vae: VAE, optimizer: torch.optim.Optimizer, s
     """Everything resume needs, written whole under checkpoint.new/ and swapped in by renames (`model`: the weights
     already serialised by model_bytes, so that an epoch's end serialises them once)."""
     new, cur, old = (run_dir / f"{CHECKPOINT_DIR}{s}" for s in (".new", "", ".old"))
-    shutil.rmtree(new, ignore_errors=True)
+    remove_own_dir(new, CHECKPOINT_WRITES)  # a half-written one from a killed run; never a folder of someone else's
     new.mkdir(parents=True)
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
     rng_tensors, rng_meta = _rng_state()
@@ -209,11 +208,11 @@ def save_checkpoint(run_dir: Path, vae: VAE, optimizer: torch.optim.Optimizer, s
     meta = {**state, "optimizer": opt_meta, "rng": rng_meta, "sha256": {n: sha256(d) for n, d in files.items()}}
     atomic_write(new / "state.json", json.dumps(meta, indent=1))
     if cur.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        remove_own_dir(old, CHECKPOINT_WRITES)
         os.replace(cur, old)
     os.replace(new, cur)
     fsync_path(run_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_own_dir(old, CHECKPOINT_WRITES)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
@@ -221,6 +220,7 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors")  # the only files a checkpoint opens
+CHECKPOINT_WRITES = {*CHECKPOINT_FILES, "state.json"}  # all that save_checkpoint writes into its folder
 MAX_STATE_BYTES = 4 << 20  # state.json: hyper-parameters, counters and RNG states, a few KB
 
 

@@ -33,17 +33,58 @@ def fsync_tree(path: Path) -> None:
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` to `path` so that `path` holds either its old content or all of the new: temp, fsync, rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, tmp = _new_temp(path)  # a file this call created: the only one it may remove
     try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            view = memoryview(data.encode() if isinstance(data, str) else data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+TEMP_INFIX = ".tmp-"  # atomic_write's temporary beside NAME: .NAME.tmp-<pid>-<n>
+
+
+def _new_temp(path: Path) -> tuple[int, Path]:
+    """Create atomic_write's temporary beside `path`, never an existing file or a link (O_EXCL, O_NOFOLLOW): a name
+    that is taken, whoever made it, is passed over for the next."""
+    for n in range(100):
+        tmp = path.with_name(f".{path.name}{TEMP_INFIX}{os.getpid()}-{n}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
+def _own_name(name: str, names: set[str]) -> bool:
+    """Whether `name` is one of `names` or atomic_write's temporary of one."""
+    temp = name.startswith(".") and TEMP_INFIX in name and name[1:].rsplit(TEMP_INFIX, 1)[0] in names
+    return name in names or temp
+
+
+def remove_own_dir(path: Path, names: set[str]) -> None:
+    """Remove a folder facevae wrote: the files it may hold (`names`, and atomic_write's temporaries of them), then
+    the folder. A link, a file, or a folder holding anything else is refused (UserError) before anything is removed."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise UserError(f"{path} is a link or a file, not a folder facevae wrote; facevae leaves it alone: move it away")
+    entries = list(os.scandir(path))
+    strangers = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False) or not _own_name(e.name, names))
+    if strangers:
+        raise UserError(f"{path} holds files facevae did not write ({', '.join(strangers[:3])}); facevae leaves it "
+                        f"alone: move them away")
+    for entry in entries:
+        os.unlink(entry.path)  # a link is removed, never what it points to
+    path.rmdir()
 
 
 # ---------------------------------------------------------------- directories and files that are facevae's own

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,13 +25,14 @@ from typing import Any
 import numpy as np
 
 from facevae.errors import UserError
-from facevae.fileio import fsync_path, fsync_tree
+from facevae.fileio import LOCK, MARKER, fsync_path, fsync_tree, remove_own_dir
 
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "valid", "test")
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"  # in <name>.partial/ only: {"key": ...}, the job the slots of images.npy belong to
 DONE = "done.npy"  # in <name>.partial/ only: bool (N,), True where images.npy holds the image's final pixels
+PARTIAL_WRITES = {"images.npy", "splits.npy", "attributes.npy", MANIFEST, PROGRESS, DONE, DONE + ".tmp", MARKER, LOCK}
 MOVE_BLOCK = 32 << 20  # bytes moved at a time when compacting images.npy
 
 
@@ -245,7 +245,10 @@ class CacheWriter:
         """Remove the partial cache (when nothing usable could be made of the source)."""
         if hasattr(self, "images"):
             del self.images
-        shutil.rmtree(self.partial, ignore_errors=True)
+        try:
+            remove_own_dir(self.partial, PARTIAL_WRITES)
+        except UserError:  # it holds files facevae did not write: left as it is (the caller says why it stopped)
+            pass
 
     def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Write the lists and the manifest, flush everything to disk, and move the cache to its final name."""
