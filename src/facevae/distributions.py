@@ -144,7 +144,9 @@ class Gaussian(Likelihood):
         self.mu = mu
         self.optimal = optimal
         self.min_log_sigma = math.log(min_sigma)
-        self.log_sigma = torch.as_tensor(log_sigma, dtype=torch.float32, device=mu.device)
+        # A number is filled in on the device: torch.as_tensor would copy it from the host, a sync on a GPU every step.
+        self.log_sigma = (log_sigma.to(device=mu.device, dtype=torch.float32) if torch.is_tensor(log_sigma)
+                          else torch.full((), float(log_sigma), dtype=torch.float32, device=mu.device))
 
     def optimal_log_sigma(self, x: torch.Tensor) -> torch.Tensor:
         """log sigma* = log sqrt(mean squared error), over the batch or per image; clamped at log(min_sigma)."""
