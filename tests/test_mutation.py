@@ -79,6 +79,90 @@ def test_importance_samples_use_the_posterior_given():
     assert torch.allclose(s.log_ratio.mean(), torch.tensor(-23.0), atol=1.0)
 
 
+# ------------------------------------------------------------------ fileio: what atomic_write and remove_own_dir touch
+def test_atomic_write_writes_all_of_a_short_writes_data_in_utf8(tmp_path, monkeypatch):
+    """os.write may write less than asked: every byte still arrives, a str as UTF-8; the temporary is made with the
+    permissions a new file gets (0o666 less the umask)."""
+    from facevae import fileio
+
+    real_write, sizes = os.write, []
+
+    def short(fd, data):
+        sizes.append(len(data))
+        return real_write(fd, bytes(data[:3]))
+
+    monkeypatch.setattr(fileio.os, "write", short)
+    fileio.atomic_write(tmp_path / "a.txt", "héllo wörld")
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "héllo wörld" and sizes[:2] == [13, 10]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_atomic_writes_temporary_names_are_counted_and_run_out(tmp_path, monkeypatch):
+    """.NAME.tmp-<pid>-<n>, the first free n; a dangling link at a name is passed over (never written through), and
+    with the 100 names taken it gives up, creating nothing."""
+    from facevae import fileio
+
+    pid = os.getpid()
+    (tmp_path / f".x.json.tmp-{pid}-0").symlink_to(tmp_path / "target")  # dangling
+    fd, tmp = fileio._new_temp(tmp_path / "x.json")
+    os.close(fd)
+    assert tmp == tmp_path / f".x.json.tmp-{pid}-1" and tmp.is_file() and not (tmp_path / "target").exists()
+    for n in range(2, 100):
+        (tmp_path / f".x.json.tmp-{pid}-{n}").write_text("")
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(FileExistsError, match="no free temporary name beside"):
+        fileio._new_temp(tmp_path / "x.json")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_own_names_are_the_files_and_their_temporaries_only():
+    from facevae.fileio import _own_name
+
+    names = {"model.safetensors", "state.json"}
+    assert _own_name("state.json", names) and _own_name(".state.json.tmp-12-0", names)
+    for other in ("state.json.tmp-12-0", ".state.json", ".other.json.tmp-1-0", "notes.txt", ".state.jsonX.tmp-1-0",
+                  "model.safetensors.bak"):
+        assert not _own_name(other, names), other
+
+
+def test_remove_own_dir_removes_only_a_folder_of_its_own_files(tmp_path):
+    """Its files and their temporaries go, then the folder; a missing one is fine; a link (even dangling), a file,
+    a sub-folder or a stranger's file is refused with the first three strangers named, before anything is removed."""
+    from facevae.fileio import remove_own_dir
+
+    names = {"a.bin", "b.json"}
+    remove_own_dir(tmp_path / "missing", names)
+    own = tmp_path / "own"
+    own.mkdir()
+    for name in ("a.bin", ".b.json.tmp-3-0"):
+        (own / name).write_text("x")
+    (tmp_path / "precious").write_text("keep")
+    (own / "b.json").symlink_to(tmp_path / "precious")  # a link under an own name: the link goes, not its target
+    remove_own_dir(own, names)
+    assert not own.exists() and (tmp_path / "precious").read_text() == "keep"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="is a link or a file, not a folder facevae wrote"):
+        remove_own_dir(link, names)
+    assert link.is_symlink()
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match="is a link or a file"):
+        remove_own_dir(tmp_path / "file", names)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("a.bin", "z.txt", "y.txt", "x.txt", "w.txt"):
+        (mixed / name).write_text("x")
+    (mixed / "b.json").mkdir()  # a folder under an own file's name is no file of ours
+    with pytest.raises(UserError) as refused:
+        remove_own_dir(mixed, names)
+    assert str(refused.value) == (f"{mixed} holds files facevae did not write (b.json, w.txt, x.txt); facevae leaves "
+                                  f"it alone: move them away")
+    assert sorted(os.listdir(mixed)) == ["a.bin", "b.json", "w.txt", "x.txt", "y.txt", "z.txt"]
+
+
 # ------------------------------------------------------------------ train and checkpoint: stop, resume, in-process
 def _tiny_run(**extra):
     """Two epochs of 5 steps of 16 images, flips on, a checkpoint every 2 steps, a step record every 3."""
@@ -305,6 +389,21 @@ def _saved(tiny, run: Path) -> tuple[VAE, torch.optim.Optimizer]:
     return vae, optimizer
 
 
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_checkpoint_file_over_its_size_limit_is_refused_before_it_is_hashed(tiny, tmp_path, monkeypatch, over):
+    """A file larger than the model's tensors twice (Adam's two moments) plus safetensors' 100 MiB header limit is
+    refused unread; one of exactly that size is hashed (and, being wrong, refused too). Sparse files: no disk used."""
+    vae, optimizer = _saved(tiny, tmp_path)
+    limit = sum(t.numel() * t.element_size() for t in vae.state_dict().values()) * 2 + (100 << 20)
+    target = tmp_path / "checkpoint" / "optimizer.safetensors"
+    os.truncate(target, limit + over)
+    hashed, real = [], ckpt._file_sha256
+    monkeypatch.setattr(ckpt, "_file_sha256", lambda path: hashed.append(path.name) or real(path))
+    with pytest.raises(ckpt.DamagedCheckpoint, match="checksum mismatch of optimizer.safetensors"):
+        ckpt.load_checkpoint(tmp_path, vae, optimizer)
+    assert hashed == ["model.safetensors"] + ["optimizer.safetensors"] * (1 - over)
+
+
 @pytest.mark.parametrize("name, tensor", [
     ("optim.0.exp_avg", torch.zeros(3)),  # a moment of another shape than its parameter
     ("optim.20.step", torch.zeros(())),  # index 20 of 20 parameters
@@ -422,12 +521,45 @@ def test_epoch_means_are_those_of_the_good_steps(tiny, tmp_path, monkeypatch):
         assert record[key] == pytest.approx(sum(t[i] for t in good) / 4, rel=1e-5), key
 
 
+@pytest.mark.parametrize("configured, used", [(7, 7), (0, 32)])  # 0: by device, 32 images on a CPU
+def test_the_epoch_test_pass_takes_the_configured_batch_and_the_runs_device_and_precision(tiny, tmp_path,
+                                                                                          monkeypatch, configured,
+                                                                                          used):
+    """Each epoch's test pass evaluates the test split in batches of eval_batch_size, on the run's device and in its
+    precision (bf16 here: its figures are those of the network that trains)."""
+    import facevae.train as train_module
+
+    calls, real = [], train_module.evaluate
+
+    def recording(vae, images, **kwargs):
+        calls.append((len(images), kwargs))
+        return real(vae, images, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", recording)
+    train(tiny(batch_size=40, epochs=2, eval_batch_size=configured, precision="bf16"), tmp_path / "run",
+          progress=False)
+    assert calls == [(20, {"batch_size": used, "device": torch.device("cpu"), "precision": "bf16"})] * 2
+
+
+def test_data_without_a_test_split_trains_without_a_test_pass(tiny, tmp_path, capsys):
+    """A cache whose images are all in the train split: no test pass, no test figures, said once."""
+    from facevae.data.cache import SPLIT_NAMES, CacheWriter
+
+    writer = CacheWriter(tmp_path / "cache", count=24, channels=1, size=32)
+    writer.images[:] = torch.randint(0, 256, (24, 1, 32, 32), generator=torch.Generator().manual_seed(0)).numpy()
+    writer.split_codes[:] = SPLIT_NAMES.index("train")
+    writer.commit({"source": {"kind": "generated"}, "crop": None, "split": {"scheme": "all-train"}, "skipped": []})
+    record = train(tiny(data=str(tmp_path / "cache"), batch_size=8, epochs=2), tmp_path / "run", progress=False)
+    assert record["epoch"] == 2 and not [k for k in record if k.startswith("test_")]
+    assert capsys.readouterr().err.count("the data has no test or valid split: no test pass each epoch") == 1
+
+
 def test_pictures_come_every_image_every_epochs_and_at_the_last(tiny, tmp_path, capsys):
-    train(tiny(batch_size=40, epochs=3, image_every=2, log_every=100), tmp_path / "run", progress=False)
+    train(tiny(batch_size=40, epochs=4, image_every=3, log_every=100), tmp_path / "run", progress=False)
     pictures = sorted(p.name for p in (tmp_path / "run" / "images").glob("samples_e*.png"))
-    assert pictures == ["samples_e002.png", "samples_e003.png"]
+    assert pictures == ["samples_e003.png", "samples_e004.png"]
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
-    assert [line.split(" | ")[0] for line in lines] == ["epoch 2", "epoch 3"]
+    assert [line.split(" | ")[0] for line in lines] == ["epoch 3", "epoch 4"]
 
 
 # ------------------------------------------------------------------ checkpoint: what a damaged one is told apart by
@@ -727,6 +859,26 @@ def test_gaussian_defaults_to_unit_sigma_and_says_why_it_cannot_sample():
     assert str(refused.value) == "an optimal-sigma Gaussian has a sigma only relative to data; use .mean"
 
 
+@pytest.mark.parametrize("tracing", ["is_compiling", "is_exporting"])
+def test_a_traced_graph_on_the_cpu_takes_the_branch_free_logistic_mean(monkeypatch, tracing):
+    """torch.compile and ONNX export cannot branch on data: either of them alone turns the boolean index off."""
+    from facevae import distributions
+
+    assert distributions._selects_in_place(torch.zeros(2))
+    monkeypatch.setattr(torch.compiler, tracing, lambda: True)
+    assert not distributions._selects_in_place(torch.zeros(2))
+
+
+def test_gaussian_sigma_is_a_float32_scalar_on_the_means_device():
+    """log sigma, given as a number or a tensor, is float32 on mu's device (a number is filled in there: a copy from
+    the host would be a sync on a GPU at every step); the meta device stands for an accelerator."""
+    for mu in (torch.zeros(2, 1, 2, 2, device="meta", dtype=torch.bfloat16), torch.zeros(2, 1, 2, 2)):
+        for log_sigma in (-1.5, torch.tensor(-1.5, dtype=torch.float64)):
+            g = Gaussian(mu, log_sigma)
+            assert (g.log_sigma.device, g.log_sigma.dtype, g.log_sigma.shape) == (mu.device, torch.float32, ())
+    assert Gaussian(torch.zeros(1), -1.5).log_sigma.item() == -1.5
+
+
 def test_discretized_logistic_scale_is_clamped_at_the_configured_min_sigma():
     raw = torch.full((1, 2, 2, 2), -20.0)  # log-scale far below any minimum
     lik = DiscretizedLogistic.from_decoder(raw, None, SimpleNamespace(sigma=1.0, min_sigma=0.05), training=True)
@@ -872,10 +1024,11 @@ def test_a_state_json_that_breaks_the_restore_is_named_with_the_error(tiny, tmp_
     assert str(caught.value) == f"the checkpoint {cdir} is damaged (ValueError: {why}); delete {cdir} to start over"
 
 
-@pytest.mark.parametrize("code, why", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "Permission denied")])
+@pytest.mark.parametrize("code, why", [(errno.ENOSPC, "the disk is full"), (errno.EACCES, "Permission denied"),
+                                       (None, "a reason of its own")])  # an OSError with no errno: its text
 def test_a_checkpoint_that_cannot_be_written_says_why(tiny, tmp_path, monkeypatch, code, why):
     def failing(*args, **kwargs):
-        raise OSError(code, os.strerror(code))
+        raise OSError(code, os.strerror(code)) if code else OSError(why)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", failing)
     with pytest.raises(UserError) as caught:

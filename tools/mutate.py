@@ -52,10 +52,11 @@ FAULTS = tuple(f"tests/test_faults.py::{name}" for name in (
 
 MINE = "tests/test_mutation.py"  # the small tests written against the survivors, first in every selection
 SCOPES: dict[str, Scope] = {
-    # atomic writes (the output-directory checks, lock and PNG sniffing: see docs/mutation-equivalents.md)
+    # atomic writes, and the removal of what they made (the output-directory checks, lock and PNG sniffing: see
+    # docs/mutation-equivalents.md)
     "fileio": Scope((MINE, "tests/test_planted.py", "tests/test_safety.py",
                      "tests/test_faults.py::test_full_disk_keeps_the_previous_checkpoint"),
-                    ("fsync_path", "fsync_tree", "atomic_write")),
+                    ("fsync_path", "fsync_tree", "atomic_write", "_new_temp", "_own_name", "remove_own_dir")),
     # the bounds and units (SSIM, an image-quality figure, is left out)
     "metrics": Scope((MINE, "tests/test_evaluate.py", "tests/test_objectives.py", "tests/test_planted.py"),
                      ("importance_samples", "iw_bound", "bits_per_dim", "mse", "psnr")),
@@ -284,6 +285,11 @@ def main() -> None:
     unknown = [m for m in args.modules if m not in SCOPES]
     if unknown:
         parser.error(f"unknown module(s) {unknown}; choose from {MODULES}")
+    try:
+        import mutmut  # noqa: F401 - only whether it is there: it runs in a subprocess
+    except ImportError:
+        sys.exit("tools/mutate.py: mutmut is not installed in this Python: `make mutate` installs it, or "
+                 "pip install -e '.[mutate]'")
     start, results = time.perf_counter(), []
     for module in args.modules:
         r = mutate(module, children=args.children, keep=args.keep, budget=args.budget,

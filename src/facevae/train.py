@@ -419,6 +419,17 @@ class Trainer:
         self.bar.set_postfix(loss=f"{means['loss']:.1f}", psnr_sampled=f"{means['psnr_sampled']:.2f}dB")
         return stopping
 
+    def _pictures(self, epoch: int, pictures: bool) -> None:
+        """The grids of reconstructions and samples after `epoch` when `pictures` (rank 0), and the watchers' epoch
+        end: images/curves.png, TensorBoard's grids. The samples come from a generator of their own: the training RNG,
+        which the checkpoint saves, is untouched."""
+        c = self.config
+        if self.world.is_main and pictures:
+            real = self.test_images if len(self.test_images) else self.train_images
+            save_epoch_pictures(self.run, self.vae, real[:c.image_count], epoch, seed=c.seed + 12345,
+                                count=c.image_count)
+        self.watch.epoch_end(self.state.step, pictures=pictures)
+
     def _stop(self, stop: GracefulStop) -> None:
         name = stop.requested or "a signal to another process"
         self.say(f"stopped by {name} at step {self.state.step}; checkpoint saved. "
@@ -461,11 +472,7 @@ class Trainer:
         record = self._record("epoch", test)
         self.log.write(record)
         pictures = (epoch + 1) % c.image_every == 0 or epoch + 1 == c.epochs
-        if self.world.is_main and pictures:
-            real = self.test_images if len(self.test_images) else self.train_images
-            save_epoch_pictures(self.run, self.vae, real[:c.image_count], epoch + 1, seed=c.seed + 12345,
-                                count=c.image_count)
-        self.watch.epoch_end(self.state.step, pictures=pictures)  # images/curves.png, TensorBoard grids (rank 0)
+        self._pictures(epoch + 1, pictures)
         self.state.start_epoch()
         self._save_checkpoint(with_model=True)
         if pictures:
