@@ -92,3 +92,13 @@ def test_evaluation_on_the_gpu_gives_the_cpu_figures(tmp_path):
     mc = math.hypot(cpu["elbo_mc_stderr"], gpu["elbo_mc_stderr"])  # the one-z ELBO's Monte Carlo error; K = 50 is tighter
     for key in ("elbo_nats", "nll_iw_nats", "density_elbo_nats"):
         assert abs(gpu[key] - cpu[key]) < 6 * mc + 1e-3, (key, gpu[key], cpu[key], mc)
+
+
+def test_fp16_training_through_the_loss_scaler(tmp_path):
+    """fp16 (CUDA only) trains through the loss scaler: its gradients are unscaled before the finite check and the
+    step, so the weights move and stay finite (early steps that overflow at the scaler's first scale are skipped)."""
+    record = train(tiny_config(device="cuda", precision="fp16", epochs=2, batch_size=8), tmp_path / "run",
+                   progress=False)
+    assert record["skipped_steps"] < 10 and math.isfinite(record["test_density_elbo_nats"])
+    weights = Run(tmp_path / "run").load_model().state_dict()
+    assert all(torch.isfinite(t).all() for t in weights.values() if t.is_floating_point())

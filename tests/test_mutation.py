@@ -184,7 +184,9 @@ def reference_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("stop_at, how", [(1, "max_steps"), (8, "max_steps"), (3, "SIGTERM"), (6, "SIGINT")])
+# A signal stops one process at the step it arrives, which here is never a log step (every 3rd, where several
+# processes agree to stop) nor, for SIGINT, a checkpoint step.
+@pytest.mark.parametrize("stop_at, how", [(1, "max_steps"), (8, "max_steps"), (1, "SIGTERM"), (7, "SIGINT")])
 def test_a_run_stopped_and_resumed_in_process_is_bit_identical(reference_run, tmp_path, monkeypatch, capsys, stop_at,
                                                               how):
     """The in-process twin of the signal tests (mutants never reach a subprocess): stop at max_steps or on a signal
@@ -498,6 +500,7 @@ def test_batches_per_epoch_and_the_kl_warmup():
     assert [batches_per_epoch(n, 8) for n in (80, 81, 82, 7, 1)] == [10, 10, 11, 1, 0]
     assert batches_per_epoch(82, 8, world_size=2) == 10 and batches_per_epoch(16, 8, world_size=2) == 2
     assert [_warmup(s, 4) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert [_warmup(s, 1) for s in (0, 1, 2)] == [0.0, 1.0, 1.0]
     assert _warmup(0, 0) == 1.0 and _warmup(3, -1) == 1.0
 
 
@@ -552,6 +555,51 @@ def test_data_without_a_test_split_trains_without_a_test_pass(tiny, tmp_path, ca
     record = train(tiny(data=str(tmp_path / "cache"), batch_size=8, epochs=2), tmp_path / "run", progress=False)
     assert record["epoch"] == 2 and not [k for k in record if k.startswith("test_")]
     assert capsys.readouterr().err.count("the data has no test or valid split: no test pass each epoch") == 1
+
+
+def test_each_step_trains_with_its_warmed_up_kl_weight_and_the_noise_its_batch_drew(tiny, tmp_path, monkeypatch):
+    """The network gets, at step s, kl_weight * min(1, s / kl_warmup_steps) and the eps that Trainer._batch drew for
+    the step (the whole global batch's noise, sliced: what keeps several processes in step with one), under the
+    run's autocast; the step records log the same weights."""
+    drawn, given = [], []
+    batch, forward = Trainer._batch, VAE.forward
+
+    def recording_batch(self, order, b):
+        out = batch(self, order, b)
+        drawn.append(out[1])
+        return out
+
+    def recording_forward(self, x, **kw):
+        if self.training:
+            given.append((kw["kl_weight"], kw["eps"]))
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        return forward(self, x, **kw)
+
+    monkeypatch.setattr(Trainer, "_batch", recording_batch)
+    monkeypatch.setattr(VAE, "forward", recording_forward)
+    train(tiny(batch_size=16, epochs=1, kl_weight=0.5, kl_warmup_steps=4, log_every=1, precision="bf16"),
+          tmp_path / "run", progress=False)
+    assert [w for w, _ in given] == [0.0, 0.125, 0.25, 0.375, 0.5]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kl_weight"] for r in records if r["kind"] == "step"] == [0.0, 0.125, 0.25, 0.375, 0.5]
+    assert len(drawn) == 5 and all(eps is mine for (_, eps), mine in zip(given, drawn))
+
+
+def test_the_progress_bar_counts_steps_and_names_the_epoch(tiny, tmp_path, capsys):
+    train(tiny(batch_size=40, epochs=2, log_every=100), tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 2/2" in err and "4/4" in err and "epoch 3/2" not in err and "5/4" not in err
+
+
+def test_an_epochs_time_counts_the_part_before_a_resume(tiny, tmp_path):
+    """A run stopped inside an epoch and resumed: the epoch's seconds (and so its img/s) add the time before the stop,
+    which the checkpoint kept."""
+    run = tmp_path / "run"
+    train(tiny(batch_size=16, epochs=1, max_steps=3), run, progress=False)
+    state_file = run / "checkpoint" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "seconds": 1000.0}))
+    record = train(tiny(batch_size=16, epochs=1), run, progress=False)
+    assert 1000.0 < record["seconds"] < 1100.0
 
 
 def test_pictures_come_every_image_every_epochs_and_at_the_last(tiny, tmp_path, capsys):
@@ -762,6 +810,178 @@ def test_each_rank_takes_its_slice_of_the_global_batch_and_of_its_noise(tiny):
         assert 0 < int(flip[mine].sum()) < 4 or rank == 1  # both flipped and kept images among rank 0's
 
 
+def test_a_step_is_finite_only_when_the_loss_and_every_gradient_are():
+    """_finite: 1 when the loss and all gradients are finite; 0 for a non-finite gradient under a finite loss, or a
+    non-finite loss; parameters without a gradient are passed over, and with none at all the loss decides."""
+    from facevae.train import _finite
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    one = SimpleNamespace(min=lambda t: t)  # a single process
+    loss = torch.tensor(1.5)
+    assert _finite(loss, net, one).item() == 1.0  # no gradient yet
+    assert _finite(torch.tensor(float("nan")), net, one).item() == 0.0
+    net[0].weight.grad = torch.ones(2, 2)
+    assert _finite(loss, net, one).item() == 1.0
+    net[0].weight.grad[1, 0] = float("inf")
+    assert _finite(loss, net, one).item() == 0.0
+    net[0].weight.grad = None
+    net[1].bias.grad = torch.tensor([float("nan")])
+    assert _finite(loss, net, one).item() == 0.0
+
+
+def test_a_sync_reads_the_epochs_seconds_and_stops_after_too_many_bad_steps(tiny):
+    """Trainer._sync: the epoch's seconds are the time since its clock; max_bad_steps non-finite steps in a row stop
+    the run, naming the last good checkpoint (or that none was written)."""
+    import time as time_module
+
+    state = TrainState(8, step=12)
+    me = SimpleNamespace(state=state, meter=SimpleNamespace(sync=lambda s: None), config=tiny(max_bad_steps=3),
+                         clock=time_module.perf_counter() - 5.0, saved_step=10, run="RUN")
+    Trainer._sync(me)
+    assert 5.0 <= state.seconds < 6.0
+    state.bad_steps = 2
+    Trainer._sync(me)
+    state.bad_steps = 3
+    with pytest.raises(UserError) as stopped:
+        Trainer._sync(me)
+    assert str(stopped.value) == ("the loss or its gradient was not finite for 3 steps in a row (up to step 12); "
+                                  "lower learning_rate or check the data; the last good checkpoint, at step 10, is "
+                                  "in RUN")
+    me.saved_step = None
+    with pytest.raises(UserError, match="no checkpoint had been written yet, so RUN holds nothing to resume"):
+        Trainer._sync(me)
+
+
+def test_metrics_past_the_checkpoint_are_dropped_and_the_rest_kept_byte_for_byte(tmp_path, capsys):
+    """MetricsLog.truncate_after(step): records up to the step are kept as they were (a record without a step counts
+    as step 0), later ones and blank lines dropped silently, damaged lines dropped and counted."""
+    from facevae.train import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [b'{"kind": "run"}  ', b'{"kind": "step", "step": 2}\t', b"", b'{"kind": "step", "step": 3}', b"[1, 2]",
+             b'{"kind": "st']
+    path.write_bytes(b"\n".join(lines))
+    MetricsLog(path, enabled=True).truncate_after(2)
+    assert path.read_bytes() == b'{"kind": "run"}  \n{"kind": "step", "step": 2}\t\n'
+    assert capsys.readouterr().err.strip() == (f"facevae: dropped 1 damaged line(s) of {path} (a crash in the middle "
+                                               f"of a write leaves a partial line); resuming")
+    path.write_bytes(b'{"kind": "run"}\n\n')
+    MetricsLog(path, enabled=True).truncate_after(0)
+    assert path.read_bytes() == b'{"kind": "run"}\n' and capsys.readouterr().err == ""
+    MetricsLog(tmp_path / "none.jsonl", enabled=True).truncate_after(0)  # no file yet: nothing to do
+    MetricsLog(path, enabled=False).truncate_after(-1)  # not rank 0: never touched
+    assert path.read_bytes() == b'{"kind": "run"}\n' and not (tmp_path / "none.jsonl").exists()
+
+
+def test_the_optimizer_step_is_skipped_on_the_device_when_not_finite():
+    """_step: with the fp16 loss scaler, the scaler steps (and skips an inf gradient itself); fused Adam is told by
+    found_inf (removed afterwards); an unfused optimiser steps only when ok."""
+    from facevae.train import _step
+
+    p = torch.nn.Parameter(torch.ones(2))
+    sgd = torch.optim.SGD([p], lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(p.sum()).backward()
+    scaler.unscale_(sgd)
+    _step(sgd, scaler, torch.tensor(1.0))
+    assert torch.equal(p.detach(), torch.full((2,), 0.5)) and scaler.get_scale() == 4.0
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    for ok, expected in ((0.0, 0.5), (1.0, 0.0)):
+        p.grad = torch.ones(2)
+        _step(sgd, off, torch.tensor(ok))
+        assert torch.equal(p.detach(), torch.full((2,), expected)), ok
+    q = torch.nn.Parameter(torch.ones(2))
+    adam = torch.optim.Adam([q], lr=0.1, fused=True)
+    for ok, expected in ((0.0, 1.0), (1.0, 0.9)):
+        q.grad = torch.ones(2)
+        _step(adam, off, torch.tensor(ok))
+        assert torch.allclose(q.detach(), torch.full((2,), expected)) and not hasattr(adam, "found_inf"), ok
+
+
+def _stepper(tiny, scaler=None) -> SimpleNamespace:
+    """What Trainer.guarded_step reads of its trainer: a tiny VAE, SGD, one process, float32."""
+    config = tiny()
+    vae = VAE(config)
+    buffers = list(vae.buffers())
+    return SimpleNamespace(config=config, device=torch.device("cpu"), precision="float32", model=vae, vae=vae,
+                           optimizer=torch.optim.SGD(vae.parameters(), lr=0.1), world=SimpleNamespace(min=lambda t: t),
+                           scaler=scaler or torch.amp.GradScaler("cpu", enabled=False), buffers=buffers,
+                           snapshot=[b.clone() for b in buffers])
+
+
+def test_a_guarded_step_keeps_a_good_steps_buffers_and_restores_a_bad_ones(tiny):
+    """BatchNorm's running statistics move with a good step; a non-finite one leaves weights and buffers as before."""
+    me = _stepper(tiny)
+    x, eps = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.zeros(4, 4)
+    before = [b.clone() for b in me.buffers]
+    _, ok = Trainer.guarded_step(me, x, eps, 1.0)
+    assert ok.item() == 1.0 and not all(torch.equal(a, b) for a, b in zip(before, me.buffers))
+    after, weights = [b.clone() for b in me.buffers], [p.detach().clone() for p in me.vae.parameters()]
+    _, ok = Trainer.guarded_step(me, x * float("nan"), eps, 1.0)
+    assert ok.item() == 0.0 and all(torch.equal(a, b) for a, b in zip(after, me.buffers))
+    assert all(torch.equal(w, p) for w, p in zip(weights, me.vae.parameters()))
+
+
+def test_a_guarded_step_with_a_loss_scaler_updates_by_the_true_gradient(tiny):
+    """fp16's loss scaler (here on the CPU) multiplies the loss by 1024; the update is still the unscaled one."""
+    x, eps = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.zeros(4, 4)
+    torch.manual_seed(0)
+    plain = _stepper(tiny)
+    torch.manual_seed(0)
+    scaled = _stepper(tiny, torch.amp.GradScaler("cpu", init_scale=1024.0))
+    Trainer.guarded_step(plain, x, eps, 1.0)
+    Trainer.guarded_step(scaled, x, eps, 1.0)
+    for p, q in zip(plain.vae.parameters(), scaled.vae.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_a_batch_without_flips_is_its_images_in_order_in_the_configured_layout(tiny, channels_last):
+    """hflip off: the images of the order's slice unchanged (no flip drawn: the noise is the RNG's next draw), in the
+    memory layout the config asks for."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=g)
+    order = torch.randperm(12, generator=g)
+    me = SimpleNamespace(config=tiny(hflip=False, latent_dim=3, channels_last=channels_last), device=torch.device("cpu"),
+                         world=SimpleNamespace(rank=0, size=1), state=SimpleNamespace(global_batch=4),
+                         train_images=images)
+    torch.manual_seed(5)
+    x, eps, count = Trainer._batch(me, order, 1)
+    torch.manual_seed(5)
+    assert count == 4 and torch.equal(eps, torch.randn(4, 3))
+    assert torch.equal(x, images[order[4:8]].float() / 255)
+    layouts = (torch.channels_last, torch.contiguous_format)
+    assert x.is_contiguous(memory_format=layouts[not channels_last])
+    assert not x.is_contiguous(memory_format=layouts[channels_last])
+
+
+def test_a_resumed_run_takes_the_new_learning_rate_and_weight_decay_and_knows_its_checkpoint(tiny, tmp_path,
+                                                                                             monkeypatch):
+    """Resuming with other learning_rate and weight_decay applies them to the restored optimiser; the trainer knows
+    the step of the checkpoint it resumed from (named if the run must stop before the next one)."""
+    run = tmp_path / "run"
+    train(tiny(batch_size=16, epochs=1, max_steps=2, checkpoint_every=0), run, progress=False)
+    seen, fit = {}, Trainer.fit
+
+    def recording(self):
+        group = self.optimizer.param_groups[0]
+        seen.update(lr=group["lr"], weight_decay=group["weight_decay"], saved_step=self.saved_step)
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", recording)
+    train(tiny(batch_size=16, epochs=1, learning_rate=5e-4, weight_decay=0.01), run, progress=False)
+    assert seen == {"lr": 5e-4, "weight_decay": 0.01, "saved_step": 2}
+
+
+def test_a_checkpoint_whose_scaler_state_is_not_a_table_is_refused(tiny, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(batch_size=16, epochs=1, max_steps=2), run, progress=False)
+    state_file = run / "checkpoint" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "scaler": 5}))
+    with pytest.raises(UserError, match="state.json has scaler = '5'"):
+        train(tiny(batch_size=16, epochs=1), run, progress=False)
+
+
 def test_epoch_means_are_averaged_over_the_processes():
     """Meter.means: the sums of all processes (world.sum), over the processes and the good steps."""
     state = TrainState(8, count=4)
@@ -771,6 +991,16 @@ def test_epoch_means_are_averaged_over_the_processes():
     assert meter.means(state, world) == dict(zip(("loss", "elbo", "recon", "kl", "psnr_sampled"),
                                                  [3.0, 1.5, 0.75, 0.375, 0.0]))
     assert Meter(TrainState(8), torch.device("cpu")).means(TrainState(8), world)["loss"] == 0.0  # no good step
+    one = TrainState(8, count=1)
+    assert meter.means(one, SimpleNamespace(size=1, sum=lambda t: t))["loss"] == 8.0  # one good step: its terms
+
+
+def test_the_meter_lives_on_the_training_device():
+    """Its sums and tallies are device tensors (the meta device stands for a GPU): the step never reads them."""
+    meter = Meter(TrainState(8, bad_steps=2, sums=[1.0] * 5), torch.device("meta"))
+    assert meter.sums.device.type == meter.tally.device.type == "meta"
+    cpu = Meter(TrainState(8, bad_steps=2, sums=[1.0] * 5), torch.device("cpu"))
+    assert cpu.sums.tolist() == [1.0] * 5 and cpu.tally.tolist() == [0.0, 0.0, 2.0]
 
 
 # ------------------------------------------------------------------ distributions: edges of the formulas
