@@ -23,8 +23,8 @@ def _cache_in_tmp(tmp_path_factory):
 def tiny_config(**overrides) -> Config:
     """A network small enough to train in a fraction of a second on the bundled 32x32 grey faces."""
     values = dict(data="lfw", image_size=32, channels=1, widths=[8, 16], latent_dim=4, likelihood="gaussian",
-                  epochs=1, batch_size=40,
-                  eval_batch_size=64, log_every=1, image_count=8)
+                  epochs=1, batch_size=40, eval_batch_size=64, log_every=1, image_count=8,
+                  image_every=1000)  # pictures and curves at the last epoch only: matplotlib is most of a tiny run
     values.update(overrides)
     return Config(**values).validate()
 

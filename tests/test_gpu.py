@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _syncs_while_training(out, **overrides) -> tuple[list[str], dict]:
     """Train a tiny model on the GPU with torch's sync debug mode on; the places (file:line) that synchronised."""
-    config = tiny_config(device="cuda", epochs=1, log_every=1000, checkpoint_every=0, **overrides)
+    config = tiny_config(device="cuda", epochs=1, log_every=1000, checkpoint_every=0, hflip=True, **overrides)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")

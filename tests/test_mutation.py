@@ -100,6 +100,23 @@ def test_atomic_write_writes_all_of_a_short_writes_data_in_utf8(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["a.txt"]
 
 
+def test_an_interrupt_just_after_the_rename_is_what_atomic_write_raises(tmp_path, monkeypatch):
+    """Ctrl-C arriving right after the rename: the new content is in place, the temporary is gone, and the
+    KeyboardInterrupt itself propagates (the clean-up of the already renamed temporary must not replace it)."""
+    from facevae import fileio
+
+    real = os.replace
+
+    def replace_then_interrupt(src, dst):
+        real(src, dst)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.atomic_write(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["a.json"]
+
+
 def test_atomic_writes_temporary_names_are_counted_and_run_out(tmp_path, monkeypatch):
     """.NAME.tmp-<pid>-<n>, the first free n; a dangling link at a name is passed over (never written through), and
     with the 100 names taken it gives up, creating nothing."""
@@ -126,6 +143,8 @@ def test_own_names_are_the_files_and_their_temporaries_only():
     for other in ("state.json.tmp-12-0", ".state.json", ".other.json.tmp-1-0", "notes.txt", ".state.jsonX.tmp-1-0",
                   "model.safetensors.bak"):
         assert not _own_name(other, names), other
+    assert _own_name(".a.tmp-b.json.tmp-3-0", {"a.tmp-b.json"})  # a name holding the infix: its last one counts
+    assert not _own_name(".a.tmp-b.json.tmp-3-0", {"a"})
 
 
 def test_remove_own_dir_removes_only_a_folder_of_its_own_files(tmp_path):
@@ -141,8 +160,11 @@ def test_remove_own_dir_removes_only_a_folder_of_its_own_files(tmp_path):
         (own / name).write_text("x")
     (tmp_path / "precious").write_text("keep")
     (own / "b.json").symlink_to(tmp_path / "precious")  # a link under an own name: the link goes, not its target
+    (tmp_path / "folder").mkdir()
+    (own / "a.bin").unlink()
+    (own / "a.bin").symlink_to(tmp_path / "folder")  # even a link to a folder
     remove_own_dir(own, names)
-    assert not own.exists() and (tmp_path / "precious").read_text() == "keep"
+    assert not own.exists() and (tmp_path / "precious").read_text() == "keep" and (tmp_path / "folder").is_dir()
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "nowhere")
     with pytest.raises(UserError, match="is a link or a file, not a folder facevae wrote"):
@@ -955,10 +977,21 @@ def test_a_batch_without_flips_is_its_images_in_order_in_the_configured_layout(t
     assert not x.is_contiguous(memory_format=layouts[channels_last])
 
 
+def test_a_batch_its_flips_and_its_noise_are_drawn_on_the_training_device(tiny):
+    """On an accelerator (the meta device stands for one) the batch, its flips and its noise are made there: a flip
+    or a noise drawn on the CPU would be a copy, and a sync, every step."""
+    images = torch.empty(12, 3, 8, 8, dtype=torch.uint8, device="meta")
+    order = torch.empty(12, dtype=torch.long, device="meta")
+    me = SimpleNamespace(config=tiny(hflip=True, latent_dim=3), device=torch.device("meta"), train_images=images,
+                         world=SimpleNamespace(rank=0, size=1), state=SimpleNamespace(global_batch=4))
+    x, eps, count = Trainer._batch(me, order, 1)
+    assert (x.device.type, eps.device.type, x.shape, eps.shape, count) == ("meta", "meta", (4, 3, 8, 8), (4, 3), 4)
+
+
 def test_a_resumed_run_takes_the_new_learning_rate_and_weight_decay_and_knows_its_checkpoint(tiny, tmp_path,
-                                                                                             monkeypatch):
-    """Resuming with other learning_rate and weight_decay applies them to the restored optimiser; the trainer knows
-    the step of the checkpoint it resumed from (named if the run must stop before the next one)."""
+                                                                                             monkeypatch, capsys):
+    """Resuming with other learning_rate and weight_decay applies them to the restored optimiser and says so; the
+    trainer knows the step of the checkpoint it resumed from (named if the run must stop before the next one)."""
     run = tmp_path / "run"
     train(tiny(batch_size=16, epochs=1, max_steps=2, checkpoint_every=0), run, progress=False)
     seen, fit = {}, Trainer.fit
@@ -969,8 +1002,26 @@ def test_a_resumed_run_takes_the_new_learning_rate_and_weight_decay_and_knows_it
         return fit(self)
 
     monkeypatch.setattr(Trainer, "fit", recording)
+    capsys.readouterr()
     train(tiny(batch_size=16, epochs=1, learning_rate=5e-4, weight_decay=0.01), run, progress=False)
     assert seen == {"lr": 5e-4, "weight_decay": 0.01, "saved_step": 2}
+    err = capsys.readouterr().err.splitlines()
+    assert f"resuming {run} at epoch 1, step 2" in err
+    assert ("resuming with changed settings: max_steps 2 -> 0, learning_rate 0.001 -> 0.0005, weight_decay 0.0 -> "
+            "0.01") in err
+
+
+def test_resume_restores_the_fp16_loss_scalers_scale(tiny, tmp_path):
+    """fp16's loss scaler (CUDA only in training; an enabled CPU one here) resumes at the scale it had reached, not
+    at its initial 65536 (which would overflow, and skip, the first steps again)."""
+    vae = VAE(tiny())
+    optimizer = torch.optim.Adam(vae.parameters())
+    saved = torch.amp.GradScaler("cpu", init_scale=512.0).state_dict()
+    ckpt.save_checkpoint(tmp_path, vae, optimizer, {**dataclasses.asdict(TrainState(8, step=3)), "scaler": saved})
+    me = SimpleNamespace(run=SimpleNamespace(path=tmp_path), vae=vae, optimizer=optimizer, config=tiny(),
+                         scaler=torch.amp.GradScaler("cpu"), say=lambda message: None)
+    state = Trainer._resume(me, TrainState(8))
+    assert state.step == 3 and me.saved_step == 3 and me.scaler.get_scale() == 512.0
 
 
 def test_a_checkpoint_whose_scaler_state_is_not_a_table_is_refused(tiny, tmp_path):
@@ -980,6 +1031,16 @@ def test_a_checkpoint_whose_scaler_state_is_not_a_table_is_refused(tiny, tmp_pat
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "scaler": 5}))
     with pytest.raises(UserError, match="state.json has scaler = '5'"):
         train(tiny(batch_size=16, epochs=1), run, progress=False)
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    from facevae.train import seed_everything
+
+    draws = []
+    for _ in range(2):
+        seed_everything(7)
+        draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+    assert draws[0] == draws[1]
 
 
 def test_epoch_means_are_averaged_over_the_processes():

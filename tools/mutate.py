@@ -1,11 +1,11 @@
 """Mutation testing of the modules where a silent bug costs most (issue 18): `make mutate`, or
 `python tools/mutate.py fileio metrics` for some of them. Prints the score per module and lists the survivors.
 
-Each module is mutated by mutmut 3 in its own temporary copy of the project (src/, tests/, pyproject.toml with a
-[tool.mutmut] section naming that module and the tests that cover it), so the working tree is never touched. Only
-the functions in scope (SCOPES) are mutated; the others' mutants are counted and reported as out of scope, with the
-reason in docs/mutation-equivalents.md. mutmut runs, for each mutant, the selected tests that reach the mutated
-function, in a pytest forked from its fork server. What makes that fast enough here (each measured): the copy's
+The modules are mutated by one mutmut 3 run in a temporary copy of the project (src/, tests/, pyproject.toml with a
+[tool.mutmut] section naming the modules and the tests that cover them), so the working tree is never touched, and
+the stats run and the fork server's warm-up are paid once. Only the functions in scope (SCOPES) are mutated; the
+others' mutants are counted and reported as out of scope, with the reason in docs/mutation-equivalents.md. mutmut
+runs, for each mutant, the selected tests that reach the mutated function, in a pytest forked from its fork server. What makes that fast enough here (each measured): the copy's
 conftest runs them cheapest first (set-up included, from mutmut's stats run), so that -x stops at the cheapest
 failing test; it warms torch, matplotlib and the lazy imports with one tiny training run in the fork server, which
 every forked test process inherits (one thread: a larger OpenMP pool does not survive a fork); pytest's
@@ -144,14 +144,15 @@ def pytest_collection_modifyitems(items):
 
 
 def mutant_patterns(module: str) -> list[str]:
-    """mutmut's names of the mutants in scope (none: all), e.g. facevae.train.x_epoch_order__mutmut_*."""
+    """mutmut's names of the mutants in scope, e.g. facevae.train.x_epoch_order__mutmut_*; every function of a
+    module without a list."""
     dotted = "facevae." + module.replace("/", ".")
     patterns = []
     for f in SCOPES[module].functions:
         cls, _, name = f.rpartition(".")
         mangled = f"x\u01c1{cls}\u01c1{name}" if cls else f"x_{name}"
         patterns.append(f"{dotted}.{mangled}__mutmut_*")
-    return patterns
+    return patterns or [f"{dotted}.x*__mutmut_*"]
 
 
 def listed_equivalents() -> set[str]:
@@ -161,12 +162,15 @@ def listed_equivalents() -> set[str]:
     return set(re.findall(r"`(facevae\.[\w.\u01c1]+__mutmut_\d+)`", section))
 
 
-def _config(module: str, timeout_multiplier: float) -> str:
-    """The [tool.mutmut] section for one module: mutate it alone, select its tests, skip the slow ones."""
-    quoted = ", ".join(json.dumps(t) for t in SCOPES[module].tests)
+def _config(modules: list[str], timeout_multiplier: float) -> str:
+    """The [tool.mutmut] section: mutate these modules, select their tests (mutmut then runs, for each mutant, those
+    that reach its function), skip the slow ones."""
+    tests = list(dict.fromkeys(t for m in modules for t in SCOPES[m].tests))  # the union, in order, once each
+    quoted = ", ".join(json.dumps(t) for t in tests)
+    files = ", ".join(json.dumps(f"src/facevae/{m}.py") for m in modules)
     return ("\n[tool.mutmut]\n"
             'source_paths = ["src"]\n'
-            f'only_mutate = ["src/facevae/{module}.py"]\n'
+            f"only_mutate = [{files}]\n"
             f"pytest_add_cli_args_test_selection = [{quoted}]\n"
             # no:unraisableexception: its two gc.collect() at exit took 0.8 s of each mutant's run
             'pytest_add_cli_args = ["-m", "not slow", "-x", "-q", "-p", "no:cacheprovider", '
@@ -177,12 +181,13 @@ def _config(module: str, timeout_multiplier: float) -> str:
             "use_git_change_detection = false\n")
 
 
-def _copy(module: str, dest: Path, timeout_multiplier: float) -> None:
-    """The project's files (no venv, runs or caches) into dest: pyproject.toml with the module's mutmut section, the
+def _copy(modules: list[str], dest: Path, timeout_multiplier: float) -> None:
+    """The project's files (no venv, runs or caches) into dest: pyproject.toml with the modules' mutmut section, the
     conftest with the fastest-first hook."""
-    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "mutants", "__pycache__", "*.egg-info", ".pytest_cache")
+    ignore = shutil.ignore_patterns(".git", ".venv", "runs", "mutants", "__pycache__", "*.egg-info", ".pytest_cache",
+                                    ".old", ".whl", ".gl")
     shutil.copytree(ROOT, dest, ignore=ignore, dirs_exist_ok=True)
-    (dest / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + _config(module, timeout_multiplier))
+    (dest / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + _config(modules, timeout_multiplier))
     conftest = dest / "tests" / "conftest.py"
     conftest.write_text(conftest.read_text() + ORDER_HOOK)
 
@@ -213,39 +218,46 @@ def _run_mutmut(work: Path, args: list[str], budget: float | None) -> subprocess
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def mutate(module: str, *, children: int, keep: bool, budget: float | None = None,
-           timeout_multiplier: float = 5.0) -> dict[str, object]:
-    """Run mutmut on one module's functions in scope, in a temporary copy; its score and survivors."""
-    work = Path(tempfile.mkdtemp(prefix=f"facevae-mutate-{module.replace('/', '-')}-"))
+def mutate(modules: list[str], *, children: int, keep: bool, budget: float | None = None,
+           timeout_multiplier: float = 5.0) -> tuple[list[dict[str, object]], float]:
+    """Run mutmut once on the modules' functions in scope, in a temporary copy (one stats run, one fork server);
+    each module's score and survivors, and the seconds it all took."""
+    work = Path(tempfile.mkdtemp(prefix="facevae-mutate-"))
     try:
-        _copy(module, work, timeout_multiplier)
+        _copy(modules, work, timeout_multiplier)
         start = time.perf_counter()
-        patterns = mutant_patterns(module)
+        patterns = [p for m in modules for p in mutant_patterns(m)]
         proc = _run_mutmut(work, ["--max-children", str(children), *patterns], budget)
         seconds = time.perf_counter() - start
         groups = _results(work)
-        in_scope = (lambda m: any(fnmatch.fnmatchcase(m, p) for p in patterns)) if patterns else (lambda m: True)
-        out_of_scope = [m for v in groups.values() for m in v if not in_scope(m)]
-        groups = {k: [m for m in v if in_scope(m)] for k, v in groups.items()}
-        groups = {k: v for k, v in groups.items() if v}
-        survivors = sorted(groups.get("survived", []) + groups.get("no tests", []))
-        diffs = {m: _show(work, m) for m in survivors}
-        total = sum(len(v) for v in groups.values())
-        checked = total - len(groups.get("not checked", []))
-        caught = sum(len(v) for k, v in groups.items() if k in CAUGHT)
-        equivalent = sorted(set(survivors) & listed_equivalents())
-        real = checked - len(equivalent)
-        return {"module": module, "mutants": total, "checked": checked, "caught": caught,
-                "score": caught / checked if checked else None, "out_of_scope": len(out_of_scope),
-                "equivalent": equivalent, "score_without_equivalents": caught / real if real else None,
-                "outcomes": {k: len(v) for k, v in groups.items()}, "survivors": diffs,
-                "seconds": round(seconds), "returncode": proc.returncode,
-                "log": proc.stdout[-3000:] + proc.stderr[-3000:] if not caught else ""}
+        return [_module_result(work, m, groups, proc) for m in modules], seconds
     finally:
         if keep:
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _module_result(work: Path, module: str, all_groups: dict[str, list[str]],
+                   proc: subprocess.CompletedProcess) -> dict[str, object]:
+    """One module's outcome: its mutants in scope grouped by outcome, the score, the survivors with their diffs."""
+    prefix = "facevae." + module.replace("/", ".") + ".x"
+    patterns = mutant_patterns(module)
+    mine = {k: [m for m in v if m.startswith(prefix)] for k, v in all_groups.items()}
+    out_of_scope = [m for v in mine.values() for m in v if not any(fnmatch.fnmatchcase(m, p) for p in patterns)]
+    groups = {k: [m for m in v if m not in out_of_scope] for k, v in mine.items()}
+    groups = {k: v for k, v in groups.items() if v}
+    survivors = sorted(groups.get("survived", []) + groups.get("no tests", []))
+    total = sum(len(v) for v in groups.values())
+    checked = total - len(groups.get("not checked", []))
+    caught = sum(len(v) for k, v in groups.items() if k in CAUGHT)
+    equivalent = sorted(set(survivors) & listed_equivalents())
+    real = checked - len(equivalent)
+    return {"module": module, "mutants": total, "checked": checked, "caught": caught,
+            "score": caught / checked if checked else None, "out_of_scope": len(out_of_scope),
+            "equivalent": equivalent, "score_without_equivalents": caught / real if real else None,
+            "outcomes": {k: len(v) for k, v in groups.items()}, "survivors": {m: _show(work, m) for m in survivors},
+            "returncode": proc.returncode, "log": proc.stdout[-3000:] + proc.stderr[-3000:] if not caught else ""}
 
 
 def _show(work: Path, mutant: str) -> str:
@@ -264,7 +276,7 @@ def _print(r: dict[str, object]) -> None:
     scope = f", {r['out_of_scope']} out of scope" if r["out_of_scope"] else ""
     print(f"{r['module']:14s} {r['caught']:4d} / {r['checked']:4d} checked caught ({r['mutants']} mutants in scope"
           f"{scope})  score {pct(r['score'])} ({pct(r['score_without_equivalents'])} without the "
-          f"{len(r['equivalent'])} listed equivalents)  {r['seconds']} s  {r['outcomes']}", flush=True)
+          f"{len(r['equivalent'])} listed equivalents)  {r['outcomes']}", flush=True)
     for name, diff in r["survivors"].items():
         listed = " (listed as equivalent)" if name in r["equivalent"] else ""
         print(f"  survived {name}{listed}\n    " + diff.replace("\n", "\n    "), flush=True)
@@ -277,7 +289,7 @@ def main() -> None:
     parser.add_argument("modules", nargs="*", default=MODULES, help=f"some of {', '.join(MODULES)}")
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies (for mutmut browse)")
-    parser.add_argument("--budget", type=float, help="seconds per module; mutants not reached are reported as such")
+    parser.add_argument("--budget", type=float, help="seconds in all; mutants not reached are reported as such")
     parser.add_argument("--timeout-multiplier", type=float, default=5.0,
                         help="a mutant times out (caught) after this many times (its tests' clean time + 1 s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -290,15 +302,14 @@ def main() -> None:
     except ImportError:
         sys.exit("tools/mutate.py: mutmut is not installed in this Python: `make mutate` installs it, or "
                  "pip install -e '.[mutate]'")
-    start, results = time.perf_counter(), []
-    for module in args.modules:
-        r = mutate(module, children=args.children, keep=args.keep, budget=args.budget,
-                   timeout_multiplier=args.timeout_multiplier)
-        results.append(r)
+    results, seconds = mutate(args.modules, children=args.children, keep=args.keep, budget=args.budget,
+                              timeout_multiplier=args.timeout_multiplier)
+    for r in results:
         _print(r)
-    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"total {seconds:.0f} s for {', '.join(args.modules)} (one mutmut run: one stats run, one fork server)",
+          flush=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        args.json.write_text(json.dumps({"seconds": round(seconds), "modules": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
