@@ -219,7 +219,7 @@ def _run_mutmut(work: Path, args: list[str], budget: float | None) -> subprocess
 
 
 def mutate(modules: list[str], *, children: int, keep: bool, budget: float | None = None,
-           timeout_multiplier: float = 5.0) -> tuple[list[dict[str, object]], float]:
+           timeout_multiplier: float = 2.0) -> tuple[list[dict[str, object]], float]:
     """Run mutmut once on the modules' functions in scope, in a temporary copy (one stats run, one fork server);
     each module's score and survivors, and the seconds it all took."""
     work = Path(tempfile.mkdtemp(prefix="facevae-mutate-"))
@@ -260,6 +260,14 @@ def _module_result(work: Path, module: str, all_groups: dict[str, list[str]],
             "returncode": proc.returncode, "log": proc.stdout[-3000:] + proc.stderr[-3000:] if not caught else ""}
 
 
+def _stale_equivalents(results: list[dict[str, object]]) -> list[str]:
+    """Equivalents the docs list for the modules run, in scope, that did not survive (all of them were checked)."""
+    survived = {m for r in results for m in r["survivors"]}
+    run = [r["module"] for r in results if r["checked"] == r["mutants"]]
+    in_scope = [p for m in run for p in mutant_patterns(m)]
+    return sorted(m for m in listed_equivalents() - survived if any(fnmatch.fnmatchcase(m, p) for p in in_scope))
+
+
 def _show(work: Path, mutant: str) -> str:
     """The diff of one mutant, its changed lines only."""
     out = subprocess.run([sys.executable, "-m", "mutmut", "show", mutant], cwd=work, capture_output=True,
@@ -290,8 +298,9 @@ def main() -> None:
     parser.add_argument("--children", type=int, default=os.cpu_count() or 2, help="mutants tested at once")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies (for mutmut browse)")
     parser.add_argument("--budget", type=float, help="seconds in all; mutants not reached are reported as such")
-    parser.add_argument("--timeout-multiplier", type=float, default=5.0,
-                        help="a mutant times out (caught) after this many times (its tests' clean time + 1 s)")
+    parser.add_argument("--timeout-multiplier", type=float, default=2.0,
+                        help="a mutant times out (caught) after this many times (its tests' clean time + 1 s) of "
+                             "wall time (twice that of CPU time)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in SCOPES]
@@ -306,6 +315,10 @@ def main() -> None:
                               timeout_multiplier=args.timeout_multiplier)
     for r in results:
         _print(r)
+    stale = _stale_equivalents(results)
+    if stale:
+        print(f"listed as equivalent but not among the survivors (killed now, or renumbered by a code change: "
+              f"update docs/mutation-equivalents.md): {', '.join(stale)}", flush=True)
     print(f"total {seconds:.0f} s for {', '.join(args.modules)} (one mutmut run: one stats run, one fork server)",
           flush=True)
     if args.json:

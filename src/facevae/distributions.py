@@ -146,7 +146,7 @@ class Gaussian(Likelihood):
         self.min_log_sigma = math.log(min_sigma)
         # A number is filled in on the device: torch.as_tensor would copy it from the host, a sync on a GPU every step.
         self.log_sigma = (log_sigma.to(device=mu.device, dtype=torch.float32) if torch.is_tensor(log_sigma)
-                          else torch.full((), float(log_sigma), dtype=torch.float32, device=mu.device))
+                          else torch.full((), float(log_sigma), device=mu.device))  # float32, torch's default
 
     def optimal_log_sigma(self, x: torch.Tensor) -> torch.Tensor:
         """log sigma* = log sqrt(mean squared error), over the batch or per image; clamped at log(min_sigma)."""
