@@ -52,3 +52,7 @@ def test_every_listed_equivalent_is_a_mutant_in_scope():
         assert module in mutate.SCOPES, name
         patterns = mutate.mutant_patterns(module)
         assert not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns), f"{name} is out of scope"
+
+
+def test_the_groups_run_every_module_once():
+    assert sorted(m for group in mutate.GROUPS for m in group) == sorted(mutate.MODULES)
