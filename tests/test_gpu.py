@@ -89,7 +89,7 @@ def test_evaluation_on_the_gpu_gives_the_cpu_figures(tmp_path):
         torch.backends.cudnn.allow_tf32 = True
     for key in ("psnr_db", "ssim", "mse"):
         assert gpu[key] == pytest.approx(cpu[key], rel=1e-4), key
-    mc = math.hypot(cpu["elbo_mc_stderr"], gpu["elbo_mc_stderr"])  # the one-z ELBO's Monte Carlo error; K = 50 is tighter
+    mc = math.hypot(cpu["elbo_mc_stderr"], gpu["elbo_mc_stderr"])  # the one-z ELBO's Monte Carlo error (K = 50: less)
     for key in ("elbo_nats", "nll_iw_nats", "density_elbo_nats"):
         assert abs(gpu[key] - cpu[key]) < 6 * mc + 1e-3, (key, gpu[key], cpu[key], mc)
 

@@ -966,7 +966,8 @@ def test_a_batch_without_flips_is_its_images_in_order_in_the_configured_layout(t
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=g)
     order = torch.randperm(12, generator=g)
-    me = SimpleNamespace(config=tiny(hflip=False, latent_dim=3, channels_last=channels_last), device=torch.device("cpu"),
+    me = SimpleNamespace(config=tiny(hflip=False, latent_dim=3, channels_last=channels_last),
+                         device=torch.device("cpu"),
                          world=SimpleNamespace(rank=0, size=1), state=SimpleNamespace(global_batch=4),
                          train_images=images)
     torch.manual_seed(5)

@@ -3,9 +3,10 @@
 
 The modules are mutated by one mutmut 3 run per group (GROUPS) in a temporary copy of the project (src/, tests/,
 pyproject.toml with a [tool.mutmut] section naming the modules and the tests that cover them), so the working tree
-is never touched, and the stats run and the fork server's warm-up are paid once a group. Only the functions in scope (SCOPES) are mutated; the
-others' mutants are counted and reported as out of scope, with the reason in docs/mutation-equivalents.md. mutmut
-runs, for each mutant, the selected tests that reach the mutated function, in a pytest forked from its fork server. What makes that fast enough here (each measured): the copy's
+is never touched, and the stats run and the fork server's warm-up are paid once a group. Only the functions in scope
+(SCOPES) are mutated; the others' mutants are counted and reported as out of scope, with the reason in
+docs/mutation-equivalents.md. mutmut runs, for each mutant, the selected tests that reach the mutated function, in a
+pytest forked from its fork server. What makes that fast enough here (each measured): the copy's
 conftest runs them cheapest first (set-up included, from mutmut's stats run), so that -x stops at the cheapest
 failing test; it warms torch, matplotlib and the lazy imports with one tiny training run in the fork server, which
 every forked test process inherits (one thread: a larger OpenMP pool does not survive a fork); pytest's
