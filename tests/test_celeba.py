@@ -18,6 +18,7 @@ from facevae.data import celeba
 from facevae.data.cache import Settings
 from facevae.data.celeba import deck_test_count, detect_layout
 from facevae.errors import UserError
+from facevae.fileio import mark_dir
 
 
 @pytest.fixture(autouse=True)
@@ -356,7 +357,7 @@ def test_a_partial_cache_of_another_job_is_started_afresh(tmp_path):
     f = cf.make_celeba(tmp_path / "data", "original", count=6)
     out = tmp_path / "out"
     partial = tmp_path / "out.partial"
-    partial.mkdir()
+    mark_dir(partial, "cache")  # an earlier prepare's, left by a kill: facevae marks every partial cache it makes
     stale = np.lib.format.open_memmap(partial / "images.npy", mode="w+", dtype=np.uint8, shape=(6, 3, 64, 64))
     stale[:] = 7
     del stale

@@ -79,14 +79,14 @@ def test_evaluation_on_the_gpu_gives_the_cpu_figures(tmp_path):
     run = Run(tmp_path / "run")
     vae = run.load_model()
     images = run.data(vae.config, "test")
-    torch.backends.cudnn.allow_tf32 = False  # compare float32 with float32
+    tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False  # float32 against float32
     try:
         torch.manual_seed(0)
         cpu = evaluate(vae, images, iw_samples=50, device="cpu")
         torch.manual_seed(0)
         gpu = evaluate(vae.cuda(), images, iw_samples=50, device="cuda")
     finally:
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = tf32
     for key in ("psnr_db", "ssim", "mse"):
         assert gpu[key] == pytest.approx(cpu[key], rel=1e-4), key
     mc = math.hypot(cpu["elbo_mc_stderr"], gpu["elbo_mc_stderr"])  # the one-z ELBO's Monte Carlo error (K = 50: less)

@@ -695,3 +695,22 @@ def test_an_aborted_cache_keeps_files_it_did_not_write(tmp_path):
     clean = CacheWriter(tmp_path / "d", count=2, channels=1, size=4)
     clean.abort()
     assert not (tmp_path / "d.partial").exists()
+
+
+def test_a_cache_writer_never_takes_over_a_partial_folder_it_did_not_make(tmp_path):
+    """CacheWriter itself (not only prepare) refuses an existing <name>.partial without facevae's mark, even an empty
+    one: it would replace images.npy, remove done.npy and, on abort, the folder. Nothing in it is touched."""
+    from facevae.data.cache import CacheWriter
+
+    theirs = tmp_path / "c.partial"
+    theirs.mkdir()
+    for name in ("images.npy", "done.npy"):
+        (theirs / name).write_text("mine")
+    with pytest.raises(UserError, match="c.partial .* already holds files facevae did not write"):
+        CacheWriter(tmp_path / "c", count=2, channels=1, size=4)
+    assert sorted(p.name for p in theirs.iterdir()) == ["done.npy", "images.npy"]
+    assert all((theirs / name).read_text() == "mine" for name in ("images.npy", "done.npy"))
+    (tmp_path / "e.partial").mkdir()
+    with pytest.raises(UserError, match="a folder facevae did not make"):
+        CacheWriter(tmp_path / "e", count=2, channels=1, size=4)
+    assert (tmp_path / "e.partial").is_dir()

@@ -262,7 +262,7 @@ def _module_result(work: Path, module: str, all_groups: dict[str, list[str]],
     prefix = "facevae." + module.replace("/", ".") + ".x"
     patterns = mutant_patterns(module)
     mine = {k: [m for m in v if m.startswith(prefix)] for k, v in all_groups.items()}
-    out_of_scope = [m for v in mine.values() for m in v if not any(fnmatch.fnmatchcase(m, p) for p in patterns)]
+    out_of_scope = {m for v in mine.values() for m in v if not any(fnmatch.fnmatchcase(m, p) for p in patterns)}
     groups = {k: [m for m in v if m not in out_of_scope] for k, v in mine.items()}
     groups = {k: v for k, v in groups.items() if v}
     survivors = sorted(groups.get("survived", []) + groups.get("no tests", []))

@@ -16,9 +16,9 @@ import torch
 
 from facevae.config import MAX_IMAGE_SIZE, MAX_SEED
 from facevae.data import celeba, folder, lfw
-from facevae.data.cache import Cache, Settings, cache_root, is_cache, load_cache
+from facevae.data.cache import Cache, Settings, cache_root, is_cache, load_cache, partial_dir
 from facevae.errors import UserError
-from facevae.fileio import DirLock, check_output_dir, check_path_text, mark_dir
+from facevae.fileio import DirLock, check_output_dir, check_path_text
 
 if TYPE_CHECKING:
     from facevae.config import Config
@@ -141,11 +141,8 @@ def prepare(spec: str, *, size: int = 64, crop: int = 148, scheme: str = "offici
     target = target if target.name else target.resolve()  # "." or "..": the folder's own name
     if is_cache(target):
         return target, _reuse(target, SOURCES[kind], s)
-    partial = target.with_name(target.name + ".partial") if target.name else target  # "/": refused just below
     check_output_dir(target, "cache")
-    check_output_dir(partial, "cache", what=f"{partial} (where prepare keeps the cache while it is made)",
-                     empty_ok=False)  # removed again if nothing usable comes of the source
-    mark_dir(partial, "cache")
+    partial = partial_dir(target)  # locked below; the source's CacheWriter writes there
     with DirLock(partial, f"the cache being prepared at {target}"):
         if is_cache(target):  # another process finished it meanwhile
             return target, _reuse(target, SOURCES[kind], s)

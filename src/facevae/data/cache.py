@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from facevae.errors import UserError
-from facevae.fileio import LOCK, MARKER, fsync_path, fsync_tree, remove_own_dir
+from facevae.fileio import LOCK, MARKER, check_output_dir, fsync_path, fsync_tree, mark_dir, remove_own_dir
 
 FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "valid", "test")
@@ -159,6 +159,16 @@ def npy_shape(path: Path, dtype: type, *, ndim: int) -> tuple[int, ...]:
     return tuple(int(n) for n in shape)
 
 
+def partial_dir(final: Path) -> Path:
+    """`<final>.partial`, where a cache is made, created and marked as facevae's. An existing folder facevae did not
+    mark is refused (UserError), even an empty one: everything in it may be replaced or removed, the folder too."""
+    partial = final.with_name(final.name + ".partial")
+    check_output_dir(partial, "cache", what=f"{partial} (where prepare keeps the cache while it is made)",
+                     empty_ok=False)
+    mark_dir(partial, "cache")
+    return partial
+
+
 class CacheWriter:
     """Writes a cache under `<final>.partial/` and renames it into place on commit().
 
@@ -172,8 +182,7 @@ class CacheWriter:
     def __init__(self, final: str | Path, *, count: int, channels: int, size: int,
                  attribute_names: list[str] | None = None, key: str = ""):
         self.final = Path(final)
-        self.partial = self.final.with_name(self.final.name + ".partial")
-        self.partial.mkdir(parents=True, exist_ok=True)
+        self.partial = partial_dir(self.final)  # never a folder of someone else's: its files are replaced, removed
         shape = (count, channels, size, size)
         image_file = self.partial / "images.npy"
         self.resumed = False
