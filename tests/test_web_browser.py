@@ -46,7 +46,13 @@ def run_dir(tmp_path_factory):
     return Path(given) if given else make_run(tmp_path_factory.mktemp("web-browser") / "run")
 
 
+DECODED = "id => { const img = document.getElementById(id); return img.complete && img.naturalWidth > 0; }"
+
+
 def pixels(page, element_id: str) -> np.ndarray:
+    """The element's pixels once its picture is decoded: a redraw queued behind the one waited for (a slider moved
+    meanwhile) may have just given it a new source."""
+    wait_for(lambda: page.evaluate(DECODED, element_id), timeout=30)
     return np.array(page.evaluate(PIXELS, element_id), dtype=np.uint8)
 
 
